@@ -1,0 +1,48 @@
+"""One description of a decoder-only (Llama-architecture) transformer, whatever file it came from."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int  # d_model
+    intermediate_size: int  # SwiGLU hidden width
+    num_layers: int
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (grouped-query attention when < num_heads)
+    head_dim: int
+    context_length: int  # max positions the model was trained for
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    architecture: str = "llama"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_hf_config(cls, c: dict) -> ModelConfig:
+        """From a Hugging Face `config.json` of a Llama-architecture checkpoint."""
+        heads = c["num_attention_heads"]
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads", heads),
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            context_length=c.get("max_position_embeddings", 2048),
+            rms_norm_eps=c.get("rms_norm_eps", 1e-5),
+            rope_theta=c.get("rope_theta", 10000.0),
+            tie_word_embeddings=c.get("tie_word_embeddings", False),
+            architecture=c.get("model_type", "llama"),
+        )
