@@ -42,7 +42,8 @@ class ModelConfig:
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
             context_length=c.get("max_position_embeddings", 2048),
             rms_norm_eps=c.get("rms_norm_eps", 1e-5),
-            rope_theta=c.get("rope_theta", 10000.0),
+            # transformers >= 5 nests it under rope_parameters
+            rope_theta=c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0),
             tie_word_embeddings=c.get("tie_word_embeddings", False),
             architecture=c.get("model_type", "llama"),
         )

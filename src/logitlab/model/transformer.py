@@ -1,0 +1,203 @@
+"""A decoder-only transformer (Llama architecture), written to read like the math.
+
+    h_0     = E[x]                                   token embedding
+    a_l     = h_l + Attn(RMSNorm(h_l))               pre-norm, residual
+    h_{l+1} = a_l + MLP(RMSNorm(a_l))                MLP(x) = W_down (silu(W_gate x) * W_up x)
+    logits  = RMSNorm(h_L) E^T                       tied (or separate) LM head
+
+Attention is grouped-query (``num_kv_heads`` key/value heads shared by ``num_heads`` query heads), with
+rotary position embeddings (rotate-half convention, as Hugging Face stores Llama weights) and 1/sqrt(d)
+scaling. Prefill and one-token decode are the same ``forward``: tokens ``[B, T]`` at explicit
+``positions [B, T]``. With a cache, new keys/values are written in place at those positions and the
+queries attend to the filled part of the cache; without one, they attend to the given tokens only.
+
+Shapes: B batch, T new tokens, L attended keys, H query heads, K kv heads, D head_dim, C hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the weight dtype (as the reference does), then scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [length, D] for positions 0..length-1 (each frequency repeated for both halves)."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # [length, D/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos/sin [B, 1, T, D]. Rotates pairs (i, i + D/2) by the position's angle."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
+        self.q_proj = nn.Linear(c, h * d, bias=False)
+        self.k_proj = nn.Linear(c, k * d, bias=False)
+        self.v_proj = nn.Linear(c, k * d, bias=False)
+        self.o_proj = nn.Linear(h * d, c, bias=False)
+
+    def forward(self, x, cos, sin, mask, layer_cache, rows, positions, key_len):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layer_cache is None:
+            keys, values = k, v.transpose(1, 2)  # attend to the given tokens only
+        else:
+            k_cache, v_cache = layer_cache
+            kc, vc = k_cache[rows], v_cache[rows]  # views [B, K, max_len + 1, D]
+            b_idx = torch.arange(B).unsqueeze(1)  # [B, 1] broadcast against positions [B, T]
+            kc[b_idx, :, positions] = k.transpose(1, 2).to(kc.dtype)  # indexed shape [B, T, K, D]
+            vc[b_idx, :, positions] = v.to(vc.dtype)
+            keys, values = kc[:, :, :key_len], vc[:, :, :key_len]  # only the filled part
+        out = F.scaled_dot_product_attention(
+            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=True
+        )  # [B, H, T, D]; scale defaults to 1/sqrt(D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(c, f, bias=False)
+        self.up_proj = nn.Linear(c, f, bias=False)
+        self.down_proj = nn.Linear(f, c, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h, cos, sin, mask, layer_cache, rows, positions, key_len):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, layer_cache, rows, positions, key_len)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """Parameter names follow Hugging Face's Llama (``model.layers.0.self_attn.q_proj.weight`` ...), so a
+    state dict from any of our loaders drops in with ``load_state_dict``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(config, config.context_length + 1)  # +1: the cache's scratch position
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype=torch.float32):
+        with torch.device("meta"):
+            model = cls(config)
+        sd = dict(state_dict)
+        if config.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        model.load_state_dict(sd, strict=True, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        cos, sin = rope_tables(config, config.context_length + 1)
+        model.rope_cos, model.rope_sin = cos, sin
+        return model.to(dtype).eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        rows: slice | None = None,
+        valid: torch.Tensor | None = None,
+        logits_at: str | torch.Tensor = "last",
+        num_layers: int | None = None,
+    ) -> torch.Tensor:
+        """Run ``tokens [B, T]`` at ``positions [B, T]``.
+
+        cache, rows: write keys/values into ``cache`` slots ``rows`` (default ``0:B``) and attend over
+            them; ``cache=None`` attends to these tokens only (the no-KV-cache mode recomputes the
+            whole sequence at every step).
+        valid [B, T] bool: False marks padding. Padding is written to the cache's scratch position and
+            masked out as a key. Defaults to all True.
+        logits_at: "last" (the last valid token of each row -> [B, V]), "all" (-> [B, T, V]), "none"
+            (-> final hidden states [B, T, C]), or a LongTensor [B, N] of indices into T (-> [B, N, V]).
+            The LM head (the largest matrix) only runs where logits are wanted.
+        num_layers: run only the first ``num_layers`` blocks, then the final norm and LM head (early
+            exit: the "amateur" of contrastive decoding and a free draft model for speculative decoding).
+        """
+        B, T = tokens.shape
+        if valid is None:
+            valid = torch.ones_like(tokens, dtype=torch.bool)
+        if cache is not None:
+            rows = rows if rows is not None else slice(0, B)
+            positions = torch.where(valid, positions, cache.scratch)
+            key_len = int(positions.masked_fill(~valid, -1).max()) + 1
+            key_pos = torch.arange(key_len)
+            # key j is visible to a query at position p iff j <= p: causal, and (since each row's real
+            # positions are contiguous from 0) it also excludes the padding, which sits at `scratch`.
+            mask = key_pos.view(1, 1, 1, -1) <= positions.view(B, 1, T, 1)
+        else:
+            key_len = T
+            # causal by position, and padded keys hidden; a padded query sees itself so no row is empty.
+            mask = (positions.unsqueeze(1) <= positions.unsqueeze(2)) & valid.unsqueeze(1)
+            mask = (mask | torch.eye(T, dtype=torch.bool)).unsqueeze(1)  # [B, 1, T, T]
+        cos = self.rope_cos[positions].unsqueeze(1).to(self.dtype)  # [B, 1, T, D]
+        sin = self.rope_sin[positions].unsqueeze(1).to(self.dtype)
+
+        h = self.model.embed_tokens(tokens)  # [B, T, C]
+        layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
+        for i, layer in enumerate(layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            h = layer(h, cos, sin, mask, layer_cache, rows, positions, key_len)
+
+        if isinstance(logits_at, str) and logits_at == "none":
+            return self.model.norm(h)
+        if isinstance(logits_at, str) and logits_at == "last":
+            last = valid.long().cumsum(1).argmax(1)  # index of the last valid token of each row
+            h = h[torch.arange(B), last]  # [B, C]
+        elif isinstance(logits_at, torch.Tensor):
+            h = h.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [B, N, C]
+        return self.lm_head(self.model.norm(h)).float()
