@@ -1,0 +1,226 @@
+"""Engine: model + tokenizer + scheduler, the single entry point for every front end.
+
+    from logitlab import Engine, SamplingParams
+    engine = Engine.load()                     # the default model, SmolLM2-135M-Instruct
+    out = engine.generate("Once upon a time", SamplingParams(max_tokens=20, temperature=0))
+    print(out[0].choices[0].text)
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .decoding.scheduler import Request, Scheduler, TokenEvent
+from .model.transformer import Transformer
+from .sampling import ParamError, SamplingParams
+from .sampling.rng import derive_seed
+from .tokenizer import Tokenizer
+from .weights import DEFAULT_MODEL, load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class Completion:
+    """One sampled continuation (one of the ``n`` choices of a prompt)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    token_logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list | None = None
+    trace: list[dict] | None = None
+    error: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    prompt_ids: list[int]
+    choices: list[Completion] = field(default_factory=list)
+
+
+@dataclass
+class ScoreResult:
+    """log P(text | context): per-token logprobs of ``text``'s tokens, their sum, and perplexity."""
+
+    tokens: list[int]
+    token_logprobs: list[float]
+
+    @property
+    def total_logprob(self) -> float:
+        return float(sum(self.token_logprobs))
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.total_logprob / max(1, len(self.tokens)))
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model",
+                 max_batch: int = 32, max_len: int = 2048, use_cache: bool = True):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.config = model.config
+        self.max_len = min(max_len, self.config.context_length)
+        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_len=self.max_len,
+                                   use_cache=use_cache)
+
+    @classmethod
+    def load(cls, model: str = DEFAULT_MODEL, dtype: str = "float32", **kwargs) -> Engine:
+        """Load a model by alias, ``.gguf`` path or Hugging Face directory."""
+        if dtype not in DTYPES:
+            raise ParamError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
+        w = load_weights(model)
+        net = Transformer.from_state_dict(w.config, w.state_dict, dtype=DTYPES[dtype])
+        return cls(net, w.tokenizer, name=w.name, **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    # ---- requests ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            V = self.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < V]
+            if bad:
+                raise ParamError("prompt", f"token ids must be integers in [0, {V}), got {bad[0]!r}")
+        if not ids:
+            raise ParamError("prompt", "must not be empty")
+        return ids
+
+    def make_requests(self, prompt: str | list[int], params: SamplingParams) -> list[Request]:
+        """Validate and turn one prompt into its ``n`` requests (one shared prefill)."""
+        ids = self.encode_prompt(prompt)
+        params.validate(self.vocab_size, context_length=self.max_len, prompt_len=len(ids),
+                        eos_token_ids=sorted(self.tokenizer.eos_token_ids))
+        base = params.seed if params.seed is not None else secrets.randbits(63)
+        group = next(_groups)
+        return [Request(ids, params, derive_seed(base, i), group=group, index=i) for i in range(params.n)]
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[GenerationResult]:
+        """Generate for one prompt or a batch of prompts (str or token ids), with one SamplingParams
+        for all or one per prompt. All prompts run together in one continuous batch."""
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        if params is None:
+            params = SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ParamError("params", f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        groups = [self.make_requests(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        for g in groups:
+            self.scheduler.add(g)
+        self._run([r for g in groups for r in g], progress)
+        return [self._result(p, g) for p, g in zip(prompts, groups, strict=True)]
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+        """Yield one event per generated token (text delta, logprob, finish reason) as it is made."""
+        requests = self.make_requests(prompt, params or SamplingParams())
+        self.scheduler.add(requests)
+        mine = {r.id for r in requests}
+        try:
+            while any(not r.finished for r in requests):
+                for ev in self.scheduler.step():
+                    if ev.request.id in mine:
+                        yield ev
+        finally:  # the consumer stopped early: free the slots
+            for r in requests:
+                if not r.finished:
+                    self.scheduler.abort(r)
+            while any(not r.finished for r in requests):
+                self.scheduler.step()
+
+    def _run(self, requests: list[Request], progress: bool) -> None:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(r.params.max_tokens for r in requests), unit="tok", leave=False)
+        while any(not r.finished for r in requests):
+            events = self.scheduler.step()
+            if bar is not None:
+                bar.update(sum(ev.token_id is not None for ev in events))
+        if bar is not None:
+            bar.close()
+
+    def _result(self, prompt, requests: list[Request]) -> GenerationResult:
+        res = GenerationResult(prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt),
+                               requests[0].prompt_ids)
+        for r in requests:
+            res.choices.append(Completion(
+                index=r.index, text=r.text, token_ids=list(r.output_ids), finish_reason=r.finish_reason,
+                token_logprobs=r.token_logprobs,
+                top_logprobs=r.top_logprobs if r.params.logprobs is not None else None,
+                prompt_logprobs=r.prompt_logprobs, prompt_top_logprobs=r.prompt_top_logprobs,
+                trace=r.trace if r.params.explain else None, error=r.error,
+            ))
+        return res
+
+    # ---- the distribution itself -------------------------------------------------------------
+    @torch.inference_mode()
+    def next_token_logits(self, prompt: str | list[int]) -> torch.Tensor:
+        """The model's raw next-token logits [V] after ``prompt``."""
+        ids = self.encode_prompt(prompt)
+        if len(ids) > self.max_len:
+            raise ParamError("prompt", f"has {len(ids)} tokens; the context holds {self.max_len}")
+        tokens = torch.tensor([ids])
+        return self.model(tokens, torch.arange(len(ids)).unsqueeze(0))[0]
+
+    @torch.inference_mode()
+    def score(self, text: str, context: str | None = None, progress: bool = False) -> ScoreResult:
+        """log P(text | context) token by token. Without a context, the text is scored after BOS (when
+        the model uses one); its first token then has a logprob too. Texts longer than the context
+        window are scored with a sliding window that keeps half a window of history."""
+        if context:
+            ctx = self.tokenizer.encode(context)
+            target = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            full = self.tokenizer.encode(text)
+            bos = self.tokenizer.bos_token_id
+            if full and bos is not None and full[0] == bos:
+                ctx, target = full[:1], full[1:]
+            else:  # no BOS: the first token has nothing to be predicted from
+                ctx, target = full[:1], full[1:]
+        if not target:
+            raise ParamError("text", "has no tokens to score")
+        seq = ctx + target
+        lps: list[float] = []
+        window, stride = self.max_len, max(1, self.max_len // 2)
+        starts = range(len(ctx), len(seq), stride) if len(seq) > window else [len(ctx)]
+        bar = None
+        if progress and len(starts) > 1:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(target), unit="tok", leave=False)
+        for first in starts:  # predict seq[first : first + stride] from up to a window of history
+            last = min(len(seq), first + stride) if len(seq) > window else len(seq)
+            lo = max(0, last - window)
+            chunk = torch.tensor([seq[lo:last]])
+            logits = self.model(chunk, torch.arange(last - lo).unsqueeze(0), logits_at="all")[0]
+            lp = torch.log_softmax(logits, dim=-1)
+            pos = torch.arange(first - lo - 1, last - lo - 1)
+            lps += lp[pos].gather(1, torch.tensor(seq[first:last])[:, None]).squeeze(1).tolist()
+            if bar is not None:
+                bar.update(last - first)
+        if bar is not None:
+            bar.close()
+        return ScoreResult(target, lps)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+_groups = iter(range(1 << 62))
