@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 from .decoding.scheduler import Request, Scheduler, TokenEvent
+from .model.quant import quantize_int8
 from .model.transformer import Transformer
 from .sampling import ParamError, SamplingParams
 from .sampling.rng import derive_seed
 from .tokenizer import Tokenizer
 from .weights import DEFAULT_MODEL, load_weights
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# "int8": weight-only int8 matmuls with bfloat16 activations (model/quant.py)
+DTYPES = ("float32", "bfloat16", "int8")
 
 
 @dataclass
@@ -77,9 +79,12 @@ class Engine:
     def load(cls, model: str = DEFAULT_MODEL, dtype: str = "float32", **kwargs) -> Engine:
         """Load a model by alias, ``.gguf`` path or Hugging Face directory."""
         if dtype not in DTYPES:
-            raise ParamError("dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
+            raise ParamError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
         w = load_weights(model)
-        net = Transformer.from_state_dict(w.config, w.state_dict, dtype=DTYPES[dtype])
+        net = Transformer.from_state_dict(w.config, w.state_dict,
+                                          dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        if dtype == "int8":
+            net = quantize_int8(net)
         return cls(net, w.tokenizer, name=w.name, **kwargs)
 
     @property

@@ -53,6 +53,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v with grouped-query heads: q [B, H, T, D], k/v [B, K, L, D],
+    mask [B, 1, T, L] (True = may attend).
+
+    For a few query tokens (decode, speculative verification) two small matmuls beat the fused CPU
+    kernel, whose per-call set-up dominates at q_len = 1; the G = H/K query heads that share a kv head
+    are folded into the query-length axis so no key/value is ever copied per head. Long prefills use
+    the fused kernel."""
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    if T > 16:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    G = H // K
+    qg = q.reshape(B, K, G * T, D)  # heads h = kv * G + g, so (g, t) fold into one axis
+    scores = (qg @ k.transpose(-1, -2)) * (D**-0.5)  # [B, K, G*T, L]
+    m = mask.unsqueeze(2).expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
+    scores = scores.masked_fill(~m, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return (probs @ v).view(B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -78,9 +99,7 @@ class Attention(nn.Module):
             kc[b_idx, :, positions] = k.transpose(1, 2).to(kc.dtype)  # indexed shape [B, T, K, D]
             vc[b_idx, :, positions] = v.to(vc.dtype)
             keys, values = kc[:, :, :key_len], vc[:, :, :key_len]  # only the filled part
-        out = F.scaled_dot_product_attention(
-            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=True
-        )  # [B, H, T, D]; scale defaults to 1/sqrt(D)
+        out = attend(q, keys.to(q.dtype), values.to(q.dtype), mask)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
