@@ -1,0 +1,147 @@
+"""SamplingParams: everything a user can set about decoding, validated in ONE place.
+
+Every front end (Python API, CLI, HTTP server) builds a SamplingParams and calls ``validate``; an
+invalid value raises ``ParamError(field, reason)`` whose message names the field and the allowed
+range, e.g. ``top_p: must be in (0, 1], got 1.5``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
+MAX_N = 128
+
+
+class ParamError(ValueError):
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    epsilon: float = 0.0
+    eta: float = 0.0
+    frequency_penalty: float = 0.0  # OpenAI, additive
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # CTRL / HF, multiplicative
+    temperature_frequency_penalty: float = 0.0  # seed 000: per-token temperature
+    temperature_presence_penalty: float = 0.0
+    penalize_prompt: bool = False
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    banned_token_ids: list[int] | None = None
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None  # number of top alternatives to return; None = no logprobs
+    logprobs_mode: str = "raw"  # "raw" (the model's log-softmax) or "processed" (after the pipeline)
+    echo: bool = False
+    explain: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplingParams:
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in names:
+                raise ParamError(key, "unknown sampling parameter")
+        return cls(**d)
+
+    def validate(self, vocab_size: int, context_length: int | None = None, prompt_len: int | None = None,
+                 eos_token_ids=()) -> SamplingParams:
+        _int(self, "max_tokens", lo=1)
+        _num(self, "temperature", lo=0.0, text="must be >= 0")
+        _int(self, "top_k", lo=0, text="must be >= 0 (0 = off)")
+        _num(self, "top_p", lo=0.0, hi=1.0, lo_open=True, text="must be in (0, 1]")
+        _num(self, "min_p", lo=0.0, hi=1.0, text="must be in [0, 1]")
+        _num(self, "typical_p", lo=0.0, hi=1.0, lo_open=True, text="must be in (0, 1]")
+        _num(self, "epsilon", lo=0.0, hi=1.0, hi_open=True, text="must be in [0, 1)")
+        _num(self, "eta", lo=0.0, hi=1.0, hi_open=True, text="must be in [0, 1)")
+        _num(self, "frequency_penalty", lo=-2.0, hi=2.0, text="must be in [-2, 2]")
+        _num(self, "presence_penalty", lo=-2.0, hi=2.0, text="must be in [-2, 2]")
+        _num(self, "repetition_penalty", lo=0.0, hi=10.0, lo_open=True, text="must be in (0, 10]")
+        _num(self, "temperature_frequency_penalty", lo=0.0, hi=10.0, text="must be in [0, 10]")
+        _num(self, "temperature_presence_penalty", lo=0.0, hi=10.0, text="must be in [0, 10]")
+        _int(self, "n", lo=1, hi=MAX_N)
+        _int(self, "min_tokens", lo=0, hi=self.max_tokens, text=f"must be in [0, max_tokens={self.max_tokens}]")
+        for name in ("penalize_prompt", "ignore_eos", "echo", "explain"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParamError(name, f"must be true or false, got {getattr(self, name)!r}")
+        if self.logprobs is not None:
+            _int(self, "logprobs", lo=0, hi=MAX_LOGPROBS)
+        if self.logprobs_mode not in ("raw", "processed"):
+            raise ParamError("logprobs_mode", f"must be 'raw' or 'processed', got {self.logprobs_mode!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
+            raise ParamError("seed", f"must be a 64-bit integer, got {self.seed!r}")
+        if not isinstance(self.stop, list | tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ParamError("stop", "must be a list of non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ParamError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        _ids(self.stop_token_ids, "stop_token_ids", vocab_size)
+        if self.allowed_token_ids is not None:
+            _ids(self.allowed_token_ids, "allowed_token_ids", vocab_size)
+        if self.banned_token_ids is not None:
+            _ids(self.banned_token_ids, "banned_token_ids", vocab_size)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ParamError("logit_bias", "must map token ids to biases")
+            _ids(list(self.logit_bias), "logit_bias", vocab_size)
+            for tok, b in self.logit_bias.items():
+                if not _is_num(b) or not -100 <= b <= 100:
+                    raise ParamError("logit_bias", f"bias for token {tok} must be in [-100, 100], got {b!r}")
+        allowed = set(range(vocab_size)) if self.allowed_token_ids is None else set(self.allowed_token_ids)
+        allowed -= set(self.banned_token_ids or ())
+        if not allowed:
+            raise ParamError("allowed_token_ids", "no token is left once banned_token_ids are removed")
+        if self.min_tokens > 0 and allowed <= set(eos_token_ids):
+            raise ParamError("min_tokens", "only end-of-sequence tokens are allowed, so min_tokens cannot be met")
+        if context_length is not None and prompt_len is not None and prompt_len + self.max_tokens > context_length:
+            raise ParamError("max_tokens", f"prompt ({prompt_len} tokens) + max_tokens ({self.max_tokens}) = "
+                             f"{prompt_len + self.max_tokens} exceeds the context length {context_length}")
+        return self
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _int(p, name, lo=None, hi=None, text=None):
+    v = getattr(p, name)
+    if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        if text is None:
+            text = f"must be an integer >= {lo}" if hi is None else f"must be an integer in [{lo}, {hi}]"
+        raise ParamError(name, f"{text}, got {v!r}")
+
+
+def _num(p, name, lo, hi=None, lo_open=False, hi_open=False, text=""):
+    v = getattr(p, name)
+    ok = _is_num(v) and (v > lo if lo_open else v >= lo)
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        raise ParamError(name, f"{text}, got {v!r}")
+
+
+def _ids(ids, name, vocab_size):
+    if not isinstance(ids, list | tuple | set | dict):
+        raise ParamError(name, "must be a list of token ids")
+    for t in ids:
+        if not _is_int(t) or not 0 <= t < vocab_size:
+            raise ParamError(name, f"token ids must be integers in [0, {vocab_size}), got {t!r}")
