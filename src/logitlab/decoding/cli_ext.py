@@ -1,0 +1,331 @@
+"""CLI (and request-field) front end for issue 4: beam search, structured output, contrastive and
+speculative decoding on ``generate``, and the ``classify`` and ``demo`` commands.
+
+Wiring into ``cli.py`` (see the functions' docstrings):
+
+    from .decoding.cli_ext import add_issue4_commands, apply_issue4_flags, issue4_requested, run_issue4_generate
+    apply_issue4_flags(g)                        # after the generate parser's own flags
+    add_issue4_commands(sub, _add_model_flags)   # after the other subcommands
+    # in cmd_generate, once params, engine and prompt exist:
+    if issue4_requested(a):
+        return run_issue4_generate(a, engine, prompt, params)
+
+The same options come from server request bodies with ``Issue4Options.from_request(body)`` and run with
+``generate_issue4(engine, prompt, params, options)`` -> (GenerationResult, extra JSON fields).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+from ..sampling import ParamError, SamplingParams
+
+
+@dataclass
+class Issue4Options:
+    beam_width: int | None = None
+    length_penalty: float = 1.0
+    contrastive_amateur: str | None = None
+    contrastive_alpha: float = 0.1
+    speculative: str | None = None
+    num_speculative_tokens: int = 4
+    json_schema: object = None  # dict, JSON text or file name
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None  # EBNF text or file name
+    choice: list[str] | None = None
+
+    def requested(self) -> bool:
+        return any([self.beam_width is not None, self.contrastive_amateur, self.speculative,
+                    self.json_schema is not None, self.json_object, self.regex, self.grammar, self.choice])
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> Issue4Options:
+        return cls(beam_width=a.beam_width, length_penalty=a.length_penalty,
+                   contrastive_amateur=a.contrastive_amateur, contrastive_alpha=a.contrastive_alpha,
+                   speculative=a.speculative, num_speculative_tokens=a.num_speculative_tokens,
+                   json_schema=a.json_schema, regex=a.regex, grammar=a.grammar, choice=a.choice)
+
+    @classmethod
+    def from_request(cls, body: dict) -> Issue4Options:
+        """Server fields: beam_width, length_penalty, contrastive {amateur, alpha}, speculative {draft,
+        num_tokens}, guided_json, guided_regex, guided_choice, guided_grammar, response_format {type:
+        json_object | json_schema, json_schema: {schema: ...}}."""
+        contrastive = body.get("contrastive") or {}
+        speculative = body.get("speculative") or {}
+        if not isinstance(contrastive, dict):
+            raise ParamError("contrastive", "must be an object {amateur, alpha}")
+        if not isinstance(speculative, dict):
+            raise ParamError("speculative", "must be an object {draft, num_tokens}")
+        schema, json_object = body.get("guided_json"), False
+        rf = body.get("response_format")
+        if rf is not None:
+            if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+                raise ParamError("response_format", "type must be text, json_object or json_schema")
+            if rf["type"] == "json_object":
+                json_object = True
+            elif rf["type"] == "json_schema":
+                js = rf.get("json_schema") or {}
+                schema = js.get("schema", js) if isinstance(js, dict) else js
+                if not schema:
+                    raise ParamError("response_format", "json_schema needs a schema")
+        choice = body.get("guided_choice")
+        if choice is not None and (not isinstance(choice, list) or not all(isinstance(c, str) for c in choice)):
+            raise ParamError("guided_choice", "must be a list of strings")
+        return cls(
+            beam_width=body.get("beam_width"), length_penalty=body.get("length_penalty", 1.0),
+            contrastive_amateur=contrastive.get("amateur"), contrastive_alpha=contrastive.get("alpha", 0.1),
+            speculative=speculative.get("draft"), num_speculative_tokens=speculative.get("num_tokens", 4),
+            json_schema=schema, json_object=json_object, regex=body.get("guided_regex"),
+            grammar=body.get("guided_grammar"), choice=choice)
+
+    def validate(self) -> None:
+        modes = [m for m, on in (("beam_width", self.beam_width is not None),
+                                 ("contrastive_amateur", bool(self.contrastive_amateur)),
+                                 ("speculative", bool(self.speculative)), ("choice", bool(self.choice))) if on]
+        if len(modes) > 1:
+            raise ParamError(modes[1], f"cannot be combined with {modes[0]}")
+        if self.beam_width is not None and (not isinstance(self.beam_width, int) or self.beam_width < 1):
+            raise ParamError("beam_width", f"must be an integer >= 1, got {self.beam_width!r}")
+        if self.speculative and self.spec() is not None:
+            raise ParamError("speculative", "cannot be combined with a structured-output constraint")
+
+    def spec(self):
+        from .constraints import spec_from_options
+
+        return spec_from_options(json_schema=self.json_schema, regex=self.regex, grammar=self.grammar,
+                                 json_object=self.json_object)
+
+
+# ---- running ---------------------------------------------------------------------------------------
+
+def _stop_at(text: str, stops) -> tuple[str, bool]:
+    hits = [i for i in (text.find(s) for s in (stops or []) if s) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def _completions(engine, prompt_ids, params, token_lists, reasons, extra_logprobs=None):
+    """GenerationResult from token lists: text (EOS removed, cut at stop strings) and, when logprobs are
+    asked for, the raw model logprob of every token (one batched scoring forward)."""
+    from ..engine import Completion, GenerationResult
+
+    eos = set(engine.tokenizer.eos_token_ids)
+    lps = extra_logprobs
+    if lps is None and params.logprobs is not None and any(token_lists):
+        from ..classify import continuation_logprobs
+
+        nonempty = [i for i, t in enumerate(token_lists) if t]
+        scored = continuation_logprobs(engine, prompt_ids, [token_lists[i] for i in nonempty])
+        lps = [[] for _ in token_lists]
+        for i, s in zip(nonempty, scored, strict=True):
+            lps[i] = s
+    res = GenerationResult(engine.tokenizer.decode(prompt_ids), list(prompt_ids))
+    for i, (ids, reason) in enumerate(zip(token_lists, reasons, strict=True)):
+        text, stopped = _stop_at(engine.tokenizer.decode([t for t in ids if t not in eos]), params.stop)
+        res.choices.append(Completion(index=i, text=text, token_ids=list(ids),
+                                      finish_reason="stop" if stopped else reason,
+                                      token_logprobs=list(lps[i]) if lps else [],
+                                      top_logprobs=[None] * len(ids) if params.logprobs is not None else None))
+    return res
+
+
+def generate_issue4(engine, prompt, params: SamplingParams, opts: Issue4Options):
+    """Run ``prompt`` with the issue-4 options. Returns (GenerationResult, extra) where ``extra`` holds
+    the JSON fields to add to the response (``speculative`` statistics, ``beam`` scores, ``choice``
+    probabilities)."""
+    opts.validate()
+    prompt_ids = engine.encode_prompt(prompt)
+    params.validate(engine.vocab_size, context_length=engine.max_len, prompt_len=len(prompt_ids),
+                    eos_token_ids=sorted(engine.tokenizer.eos_token_ids))
+    spec = opts.spec()
+    constraint = None
+    if spec is not None:
+        from .constraints import compile_constraint
+
+        constraint = compile_constraint(spec, engine)
+    if opts.choice:
+        from ..classify import choose
+        from ..sampling.rng import derive_seed
+
+        ranked = choose(engine, prompt_ids, list(opts.choice))
+        order = sorted(range(len(opts.choice)), key=lambda i: -ranked.probs[i])
+        picks = []
+        for i in range(params.n):
+            if params.temperature == 0:
+                picks.append(order[i % len(order)])
+            else:
+                seed = derive_seed(params.seed if params.seed is not None else 0, i)
+                picks.append(choose(engine, prompt_ids, list(opts.choice), temperature=params.temperature,
+                                    seed=seed % (1 << 63)).index)
+        ids = [engine.tokenizer.encode(opts.choice[i], add_special_tokens=False) for i in picks]
+        res = _completions(engine, prompt_ids, params, ids, ["stop"] * len(ids))
+        for c, i in zip(res.choices, picks, strict=True):
+            c.text = opts.choice[i]
+        extra = {"choice": {"choices": list(opts.choice), "logprobs": ranked.logprobs, "probs": ranked.probs}}
+        return res, extra
+    if opts.beam_width is not None:
+        from .beam import beam_search
+
+        br = beam_search(engine, prompt_ids, width=opts.beam_width, length_penalty=opts.length_penalty,
+                         max_tokens=params.max_tokens, n=params.n, params=params, constraint=constraint)
+        hyps = br.hypotheses
+        res = _completions(engine, prompt_ids, params, [h.token_ids for h in hyps], [h.finish_reason for h in hyps])
+        extra = {"beam": {"width": opts.beam_width, "length_penalty": opts.length_penalty,
+                          "scores": [h.score for h in hyps], "logprobs": [h.logprob for h in hyps]}}
+        return res, extra
+    if opts.contrastive_amateur:
+        from .contrastive import contrastive_generate
+
+        out = contrastive_generate(engine, opts.contrastive_amateur, prompt_ids, alpha=opts.contrastive_alpha,
+                                   params=params, constraint=constraint)
+        res = _completions(engine, prompt_ids, params, out.token_ids, out.finish_reasons)
+        return res, {"contrastive": {"amateur": opts.contrastive_amateur, "alpha": opts.contrastive_alpha}}
+    if opts.speculative:
+        from .speculative import speculative_generate
+
+        out = speculative_generate(engine, opts.speculative, prompt_ids, params,
+                                   num_speculative_tokens=opts.num_speculative_tokens)
+        res = _completions(engine, prompt_ids, params, out.token_ids, out.finish_reasons)
+        stats = out.stats.to_dict()
+        stats["draft"] = opts.speculative
+        stats["num_speculative_tokens"] = opts.num_speculative_tokens
+        return res, {"speculative": stats}
+    from .constraints import constrained_generate
+
+    out = constrained_generate(engine, prompt_ids, constraint, params)
+    res = _completions(engine, prompt_ids, params, out.token_ids, out.finish_reasons)
+    for c, reason in zip(res.choices, out.finish_reasons, strict=True):
+        if reason == "error":
+            c.error = "no token is allowed by the constraint"
+    return res, {"constraint": spec.kind}
+
+
+# ---- argparse --------------------------------------------------------------------------------------
+
+def apply_issue4_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the issue-4 flags to the ``generate`` parser."""
+    g = parser.add_argument_group("search, structured output, contrastive and speculative decoding")
+    g.add_argument("--beam-width", type=int, default=None, metavar="B",
+                   help="beam search with B beams; returns the --n best as choices")
+    g.add_argument("--length-penalty", type=float, default=1.0, metavar="A",
+                   help="beam score = logprob / len^A (0: favour short, 1: per-token mean)")
+    g.add_argument("--contrastive-amateur", default=None, metavar="early-exit:K|MODEL",
+                   help="contrastive decoding against the first K layers or another model")
+    g.add_argument("--contrastive-alpha", type=float, default=0.1, metavar="A",
+                   help="plausibility head: tokens with p >= A * max p")
+    g.add_argument("--speculative", default=None, metavar="early-exit:K|ngram|int8|MODEL",
+                   help="speculative decoding with this draft (same output distribution)")
+    g.add_argument("--num-speculative-tokens", type=int, default=4, metavar="G", help="tokens drafted per round")
+    g.add_argument("--json-schema", default=None, metavar="FILE|JSON", help="output must match this JSON schema")
+    g.add_argument("--regex", default=None, metavar="R", help="output must match this regular expression")
+    g.add_argument("--grammar", default=None, metavar="FILE", help="output must follow this EBNF grammar")
+    g.add_argument("--choice", action="append", default=None, metavar="TEXT",
+                   help="output is exactly one of these (chosen by full-sequence probability); repeatable")
+
+
+def issue4_requested(a: argparse.Namespace) -> bool:
+    return Issue4Options.from_args(a).requested()
+
+
+def run_issue4_generate(a: argparse.Namespace, engine, prompt, params: SamplingParams) -> int:
+    """``cmd_generate``'s path when an issue-4 flag is set: prints the choices (or the OpenAI-shaped JSON
+    with the extra fields under ``--json``)."""
+    res, extra = generate_issue4(engine, prompt, params, Issue4Options.from_args(a))
+    if getattr(a, "json", False):
+        from ..openai_format import completion_response
+
+        resp = completion_response(engine.tokenizer, engine.name, [res], echo=getattr(a, "echo", False),
+                                   logprobs=a.logprobs is not None, extra=extra)
+        print(json.dumps(resp, ensure_ascii=False, indent=2))
+        return 0
+    echo = a.prompt if getattr(a, "echo", False) else ""
+    for c in res.choices:
+        if len(res.choices) > 1 or "beam" in extra:
+            score = ""
+            if "beam" in extra:
+                b = extra["beam"]
+                score = f", score {b['scores'][c.index]:.3f}, logprob {b['logprobs'][c.index]:.3f}"
+            print(f"--- choice {c.index} (finish_reason: {c.finish_reason}{score})")
+        print(echo + c.text)
+        if c.error:
+            print(f"[error: {c.error}]", file=sys.stderr)
+    if "speculative" in extra:
+        s = extra["speculative"]
+        print(f"[speculative {s['draft']}: drafted {s['drafted']}, accepted {s['accepted']} "
+              f"({s['acceptance_rate']:.0%}), {s['tokens_per_round']:.2f} tokens per target forward, "
+              f"{s['generated'] / max(s['seconds'], 1e-9):.1f} tok/s]", file=sys.stderr)
+    if "choice" in extra:
+        ch = extra["choice"]
+        print("  ".join(f"{c!r}: {p:.1%}" for c, p in zip(ch["choices"], ch["probs"], strict=True)),
+              file=sys.stderr)
+    return 0
+
+
+def cmd_classify(a: argparse.Namespace) -> int:
+    from ..classify import classify, parse_example
+
+    if not a.example:
+        raise ParamError("example", "give at least two --example TEXT=LABEL")
+    examples = [parse_example(e) for e in a.example]
+    labels = [x.strip() for x in a.labels.split(",")] if a.labels else None
+    from ..engine import Engine
+    from ..weights import DEFAULT_MODEL
+
+    engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype)
+    results = classify(engine, examples, a.inputs, labels=labels, separator=a.separator)
+    if a.json:
+        print(json.dumps([{"input": r.input, "label": r.label, "probs": r.probs, "logprobs": r.logprobs}
+                          for r in results], ensure_ascii=False, indent=2))
+        return 0
+    for r in results:
+        probs = "  ".join(f"{k}: {v:.1%}" for k, v in sorted(r.probs.items(), key=lambda kv: -kv[1]))
+        print(f"{r.input}\t-> {r.label}\t({probs})")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from ..demos import DESCRIPTIONS, run_demo
+
+    if a.name == "list":
+        for name, what in DESCRIPTIONS.items():
+            print(f"{name:>12}  {what}")
+        return 0
+    engine = None
+    if a.model or a.dtype != "float32":
+        from ..engine import Engine
+        from ..weights import DEFAULT_MODEL
+
+        engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype)
+    run_demo(a.name, engine=engine, plot=a.plot)
+    return 0
+
+
+def add_issue4_commands(subparsers, add_model_flags=None) -> None:
+    """Add ``classify`` and ``demo`` to the CLI's subparsers. ``add_model_flags`` is cli.py's
+    ``_add_model_flags`` (adds --model and --dtype); without it equivalent flags are added here."""
+    from ..demos import DEMOS
+
+    def model_flags(p):
+        if add_model_flags is not None:
+            add_model_flags(p)
+        else:
+            p.add_argument("--model", default=None)
+            p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"])
+
+    c = subparsers.add_parser("classify", help="few-shot classification: label probabilities per input")
+    c.add_argument("inputs", nargs="+", metavar="INPUT")
+    c.add_argument("--example", action="append", default=[], metavar="TEXT=LABEL", help="repeatable")
+    c.add_argument("--labels", default=None, metavar="A,B,...", help="labels to score (default: the examples')")
+    c.add_argument("--separator", default=" :", help="between text and label in the pattern (default ' :')")
+    c.add_argument("--json", action="store_true")
+    model_flags(c)
+    c.set_defaults(func=cmd_classify)
+
+    d = subparsers.add_parser("demo", help="the seeds' examples on the real model: " + ", ".join(DEMOS))
+    d.add_argument("name", choices=["list", *DEMOS])
+    d.add_argument("--plot", default=None, metavar="OUT.png", help="also draw it (matplotlib, Agg)")
+    model_flags(d)
+    d.set_defaults(func=cmd_demo)

@@ -1,0 +1,487 @@
+"""Speculative decoding (seed 003; Leviathan et al. 2023, Chen et al. 2023): faster, same distribution.
+
+Each round, a cheap *draft* proposes ``gamma`` tokens ``d_1..d_gamma``, drawing ``d_j ~ q_j``. The
+*target* then runs ONE forward over ``[last token, d_1 .. d_gamma]`` (``gamma + 1`` positions; on a
+CPU a forward over 8 tokens costs about as much as over 1) and yields its distributions
+``p_1 .. p_{gamma+1}``. Going left to right, draft token ``d_j`` is accepted with probability
+``min(1, p_j(d_j) / q_j(d_j))``; at the first rejection the token is redrawn from the residual
+``normalise(max(0, p_j - q_j))`` and the round ends; if all ``gamma`` are accepted, a bonus token is drawn
+from ``p_{gamma+1}``. Every committed token is then distributed exactly as ``p`` (the pipeline's final
+distribution — temperature, truncation, penalties included), so the output has the distribution of plain
+sampling; with temperature 0, ``p`` and ``q`` are one-hot and the output is plain greedy, token for token.
+
+``p`` and ``q`` both come from the same sampling pipeline (``sampling.process``) with the same
+parameters, the verification positions seeing the penalty counts of the drafted tokens before them.
+
+KV caches: target and draft each have their own. A rejected token's keys/values stay in the cache at
+positions past the committed length; the cache is position-addressed and every forward attends only to
+positions <= its queries', so "rewinding" is just the next round overwriting those positions.
+
+Drafts (``make_draft``): another model with the same tokenizer, the target's own first ``k`` layers
+(early exit through the final norm and LM head, ``early-exit:K``), an int8 copy of the target (``int8``)
+and n-gram prompt lookup (``ngram``: copy what followed the last occurrence of the current suffix in the
+context; a deterministic draft, ``q`` one-hot).
+
+Rows: ``n`` samples (or several prompts) are decoded together, each row with its own seed, acceptance
+count and length; a row's randomness depends only on its seed and round, not on its neighbours.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.cache import KVCache
+from ..model.quant import quantize_int8
+from ..sampling import ParamError, SamplingParams
+from ..sampling.rng import derive_seed
+from .constraints import PipelineRows, resolve_model
+
+# random streams of one row (uniforms are counter-based: seed x counter x stream)
+_DRAFT, _ACCEPT, _RESIDUAL = 11, 12, 13
+
+
+# ---- drafts ----------------------------------------------------------------------------------------
+
+class Draft:
+    """Proposes ``gamma`` tokens per row and the distributions ``q`` they were drawn from."""
+
+    name = "draft"
+    deterministic = False
+
+    def start(self, prompts: list[list[int]], max_len: int) -> None:
+        """A new generation of ``len(prompts)`` rows; sequences will not exceed ``max_len`` positions."""
+        raise NotImplementedError
+
+    def propose(self, seqs, gamma, rows: PipelineRows, counters: torch.Tensor):
+        """-> (tokens [B, gamma] long, logq [B, gamma, V] or None when deterministic)."""
+        raise NotImplementedError
+
+    def commit(self, seqs: list[list[int]], accepted: torch.Tensor) -> None:
+        """The round committed; ``accepted[b]`` of the row's drafted tokens were kept."""
+
+
+class ModelDraft(Draft):
+    """A language model as draft: a separate model, the target's own first ``num_layers`` layers (early
+    exit), or a quantized copy. It keeps its own KV cache."""
+
+    def __init__(self, model, num_layers: int | None = None, name: str | None = None):
+        self.model, self.num_layers = model, num_layers
+        self.name = name or (f"early-exit:{num_layers}" if num_layers else "model")
+        self.cache: KVCache | None = None
+        self.cached: list[int] = []  # per row: positions in the draft cache that hold committed tokens
+        self.forwards = 0
+
+    def start(self, prompts, max_len):
+        cfg = self.model.config
+        if self.num_layers:
+            from dataclasses import replace
+
+            cfg = replace(cfg, num_layers=self.num_layers)  # the cache only needs the layers it runs
+        self.cache = KVCache(cfg, len(prompts), max_len, dtype=self.model.dtype)
+        self.cached = [0] * len(prompts)
+
+    def forward(self, tokens, positions, valid=None):
+        self.forwards += 1
+        return self.model(tokens, positions, self.cache, rows=slice(0, tokens.shape[0]), valid=valid,
+                          num_layers=self.num_layers)
+
+    def propose(self, seqs, gamma, rows, counters):
+        B = len(seqs)
+        feed = [s[c:] for s, c in zip(seqs, self.cached, strict=True)]  # 1 token, 2 after a full accept
+        width = max(len(f) for f in feed)
+        tokens = torch.zeros(B, width, dtype=torch.long)
+        positions = torch.zeros(B, width, dtype=torch.long)
+        valid = torch.zeros(B, width, dtype=torch.bool)
+        for b, f in enumerate(feed):
+            tokens[b, : len(f)] = torch.tensor(f)
+            positions[b, : len(f)] = torch.arange(self.cached[b], self.cached[b] + len(f))
+            valid[b, : len(f)] = True
+        logits = self.forward(tokens, positions, valid)
+        lengths = torch.tensor([len(s) for s in seqs])
+        draft_rows = _Lookahead(rows)
+        out_t, out_q = [], []
+        for j in range(gamma):
+            logq = draft_rows.logprobs(logits)
+            tok = _draw(logq, rows.uniforms(counters + j, _DRAFT))
+            out_t.append(tok)
+            out_q.append(logq)
+            draft_rows.push(tok)
+            if j < gamma - 1:
+                logits = self.forward(tok.view(B, 1), (lengths + j).view(B, 1))
+        self._fed = [len(s) + gamma - 1 for s in seqs]  # committed + d_1..d_{gamma-1} now in the cache
+        self._base = [len(s) for s in seqs]
+        return torch.stack(out_t, 1), torch.stack(out_q, 1)
+
+    def commit(self, seqs, accepted):
+        # valid: the old sequence plus the accepted drafts that were fed (d_gamma never is)
+        self.cached = [min(b + int(a), f) for b, a, f in zip(self._base, accepted.tolist(), self._fed, strict=True)]
+
+
+class NgramDraft(Draft):
+    """Prompt lookup: find the most recent earlier occurrence of the sequence's last ``n`` tokens
+    (``n = max_ngram .. 1``) and propose the tokens that followed it. No model, no cache; the proposal is
+    deterministic (``q`` one-hot), so acceptance is simply ``p(d)``. Strong on repetitive text and on
+    outputs that copy from the prompt."""
+
+    name = "ngram"
+    deterministic = True
+
+    def __init__(self, max_ngram: int = 3):
+        self.max_ngram = max_ngram
+        self.forwards = 0
+
+    def start(self, prompts, max_len):
+        pass
+
+    def lookup(self, seq: list[int], gamma: int) -> list[int]:
+        """Up to ``gamma`` tokens that followed the most recent earlier occurrence of the longest matching
+        suffix; [] when nothing matches (the round is then a plain decode step)."""
+        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            suffix = seq[-n:]
+            for i in range(len(seq) - n - 1, -1, -1):  # most recent earlier match first
+                if seq[i : i + n] == suffix:
+                    return seq[i + n : i + n + gamma]
+        return []
+
+    def propose(self, seqs, gamma, rows, counters):
+        found = [self.lookup(s, gamma) for s in seqs]
+        width = max(len(f) for f in found)
+        tokens = torch.empty(len(seqs), width, dtype=torch.long)
+        for b, (f, s) in enumerate(zip(found, seqs, strict=True)):
+            # a row with a shorter match is padded with its last proposal (or token): any proposal keeps
+            # the output exact, a poor one is merely rejected
+            f = f or s[-1:]
+            tokens[b] = torch.tensor((f + f[-1:] * width)[:width], dtype=torch.long)
+        return tokens, None
+
+
+def make_draft(spec: str | Draft | object, target, load=None) -> Draft:
+    """``early-exit:K`` | ``int8`` | ``ngram`` / ``ngram:N`` | a model name (loaded with ``load(name)``,
+    e.g. ``Engine.load``) | a Transformer | an Engine | a Draft."""
+    if isinstance(spec, Draft):
+        return spec
+    if isinstance(spec, str):
+        s = spec.strip()
+        if s.startswith("early-exit"):
+            k = _int_suffix(s, "speculative", "early-exit:K")
+            if not 1 <= k < target.config.num_layers:
+                raise ParamError("speculative", f"early-exit:K needs 1 <= K < {target.config.num_layers}, got {k}")
+            return ModelDraft(target, num_layers=k)
+        if s == "int8":
+            return ModelDraft(quantize_int8(copy.deepcopy(target)), name="int8")
+        if s == "ngram" or s.startswith("ngram:"):
+            n = _int_suffix(s, "speculative", "ngram:N") if ":" in s else 3
+            if n < 1:
+                raise ParamError("speculative", f"ngram:N needs N >= 1, got {n}")
+            return NgramDraft(n)
+        if load is None:
+            raise ParamError("speculative", f"unknown draft {spec!r} (early-exit:K, int8, ngram or a model)")
+        spec = load(s)
+    model = spec.model if hasattr(spec, "tokenizer") else spec  # an Engine, or a Transformer itself
+    if model.config.vocab_size != target.config.vocab_size:
+        raise ParamError("speculative", f"the draft's vocabulary ({model.config.vocab_size}) differs from the "
+                         f"target's ({target.config.vocab_size}): it needs the same tokenizer")
+    return ModelDraft(model, name=getattr(spec, "name", "model"))
+
+
+def _int_suffix(s: str, field_name: str, form: str) -> int:
+    try:
+        return int(s.split(":", 1)[1])
+    except (IndexError, ValueError):
+        raise ParamError(field_name, f"expected {form}, got {s!r}") from None
+
+
+class _Lookahead:
+    """Pipeline rows advanced along a draft (penalty counts and token counters), leaving the originals."""
+
+    def __init__(self, rows: PipelineRows):
+        self.rows = rows
+        self.counts = rows.output_counts.clone()
+        self.num = rows.num_generated.clone()
+
+    def logprobs(self, logits):
+        saved = self.rows.output_counts, self.rows.num_generated
+        self.rows.output_counts, self.rows.num_generated = self.counts, self.num
+        try:
+            return self.rows.logprobs(logits)
+        finally:
+            self.rows.output_counts, self.rows.num_generated = saved
+
+    def push(self, tokens):
+        self.counts[torch.arange(len(tokens)), tokens] += 1
+        self.num = self.num + 1
+
+
+def _draw(logprobs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    from ..sampling import draw
+
+    return draw(logprobs, u)
+
+
+# ---- the driver --------------------------------------------------------------------------------------
+
+@dataclass
+class SpeculativeStats:
+    drafted: int = 0  # draft tokens proposed (over live rows)
+    accepted: int = 0  # of which accepted by the target
+    rounds: int = 0  # target verification forwards
+    generated: int = 0  # tokens committed
+    target_forwards: int = 0  # including the prefill
+    draft_forwards: int = 0
+    seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.generated / self.rounds if self.rounds else 0.0
+
+    def to_dict(self) -> dict:
+        return {"drafted": self.drafted, "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
+                "rounds": self.rounds, "generated": self.generated, "tokens_per_round": self.tokens_per_round,
+                "target_forwards": self.target_forwards, "draft_forwards": self.draft_forwards,
+                "seconds": self.seconds}
+
+
+@dataclass
+class SpeculativeOutput:
+    token_ids: list[list[int]]  # per row, generated tokens only
+    finish_reasons: list[str]
+    stats: SpeculativeStats
+    texts: list[str] | None = None
+    per_round: list[list[int]] = field(default_factory=list)  # accepted counts per round (per row)
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target,
+    draft,
+    prompt,
+    params: SamplingParams | None = None,
+    num_speculative_tokens: int = 4,
+    max_tokens: int | None = None,
+    n: int | None = None,
+    seed: int | None = None,
+    eos_token_ids=None,
+    seeds: list[int] | None = None,
+) -> SpeculativeOutput:
+    """Generate with speculative decoding. ``target``: Engine or Transformer; ``draft``: a spec string
+    (``early-exit:K``, ``int8``, ``ngram``), a Draft, a Transformer or Engine with the same vocabulary.
+    ``n`` rows (default ``params.n``) sample independently from seeds derived from ``seed``
+    (default ``params.seed``, else 0) — or pass explicit per-row ``seeds``."""
+    params = params or SamplingParams()
+    model, tokenizer, prompt_ids, eos = resolve_model(target, prompt, eos_token_ids)
+    gamma = num_speculative_tokens
+    if not isinstance(gamma, int) or not 1 <= gamma <= 64:
+        raise ParamError("num_speculative_tokens", f"must be an integer in [1, 64], got {gamma!r}")
+    max_tokens = params.max_tokens if max_tokens is None else max_tokens
+    if seeds is None:
+        n = params.n if n is None else n
+        base = seed if seed is not None else (params.seed if params.seed is not None else 0)
+        seeds = [derive_seed(base, i) for i in range(n)]
+    B = len(seeds)
+    P = len(prompt_ids)
+    ctx = model.config.context_length
+    cache_len = min(ctx, P + max_tokens + gamma + 1)
+    if P + 1 > cache_len:
+        raise ParamError("prompt", f"has {P} tokens; the context holds {ctx}")
+    d = make_draft(draft, model, load=_loader(target))
+    stop_ids = set(int(e) for e in eos) if not getattr(params, "ignore_eos", False) else set()
+    stop_ids |= set(getattr(params, "stop_token_ids", None) or [])
+
+    t0 = time.perf_counter()
+    rows = PipelineRows(params, prompt_ids, model.config.vocab_size, eos, B, seeds=seeds)
+    cache = KVCache(model.config, B, cache_len, dtype=model.dtype)
+    stats = SpeculativeStats()
+    if P > 1:  # the target caches all but the last prompt token, which opens the first verification
+        model(torch.tensor([prompt_ids[:-1]] * B), torch.arange(P - 1).expand(B, -1), cache, rows=slice(0, B))
+        stats.target_forwards += 1
+    seqs = [list(prompt_ids) for _ in range(B)]
+    d.start(seqs, cache_len)
+    done = [False] * B
+    reasons = ["length"] * B
+    per_round: list[list[int]] = []
+    rnd = 0
+    while not all(done):
+        lengths = torch.tensor([len(s) for s in seqs])
+        g = min(gamma, int((cache_len - lengths).min()) - 1)  # room left in the caches
+        g = max(g, 1)
+        counters = torch.full((B,), rnd * (gamma + 2), dtype=torch.long)
+        drafted, logq = d.propose(seqs, g, rows, counters)  # [B, g'], [B, g', V] | None
+        g = drafted.shape[1]  # a draft may propose fewer (n-gram lookup without a match: none)
+        tokens = torch.cat([torch.tensor([s[-1] for s in seqs]).view(B, 1), drafted], 1)  # [B, g + 1]
+        positions = (lengths - 1).view(B, 1) + torch.arange(g + 1)
+        logits = model(tokens, positions, cache, rows=slice(0, B), logits_at="all")  # [B, g + 1, V]
+        stats.target_forwards += 1
+        logp = rows.logprobs_ahead(logits, drafted)  # [B, g + 1, V]
+        # accept d_j with probability min(1, p_j(d_j) / q_j(d_j)), left to right
+        lp_d = logp[:, :g].gather(2, drafted.unsqueeze(-1)).squeeze(-1).double()  # [B, g]
+        if logq is None:  # deterministic draft: q(d) = 1
+            ratio = lp_d.exp()
+        else:
+            lq_d = logq.gather(2, drafted.unsqueeze(-1)).squeeze(-1).double()
+            ratio = (lp_d - lq_d).exp()
+        if g:
+            u = torch.stack([rows.uniforms(counters + j, _ACCEPT) for j in range(g)], 1)  # [B, g]
+            n_acc = (u < ratio).long().cumprod(1).sum(1)  # leading accepts per row
+        else:
+            n_acc = torch.zeros(B, dtype=torch.long)
+        # the next token: from the residual at the first rejection, or the bonus from p_{g+1}
+        idx = n_acc.view(B, 1, 1).expand(B, 1, logp.shape[-1])
+        p_next = logp.gather(1, idx).squeeze(1).double().exp()  # [B, V]
+        if logq is None:
+            q_next = torch.zeros_like(p_next)
+            rej = n_acc < g
+            q_next[rej.nonzero().squeeze(1), drafted[rej, n_acc[rej]]] = 1.0
+        else:
+            q_ext = torch.cat([logq, torch.full_like(logq[:, :1], float("-inf"))], 1)
+            q_next = q_ext.gather(1, idx).squeeze(1).double().exp()
+        resid = (p_next - q_next).clamp_min(0.0)
+        mass = resid.sum(1, keepdim=True)
+        resid = torch.where(mass > 0, resid / mass.clamp_min(1e-300), p_next)  # p == q: never rejected
+        nxt = _draw(resid.log().float(), rows.uniforms(counters, _RESIDUAL))
+        # commit, row by row (stop at EOS / stop token / max_tokens)
+        acc_list = n_acc.tolist()
+        committed = []
+        for b in range(B):
+            if done[b]:
+                committed.append(0)
+                continue
+            new = drafted[b, : acc_list[b]].tolist() + [int(nxt[b])]
+            stats.drafted += g
+            stats.accepted += acc_list[b]
+            take = []
+            for t in new:
+                take.append(t)
+                if t in stop_ids:
+                    done[b], reasons[b] = True, "stop"
+                    break
+                if len(seqs[b]) - P + len(take) >= max_tokens or len(seqs[b]) + len(take) >= ctx:
+                    done[b], reasons[b] = True, "length"
+                    break
+            seqs[b].extend(take)
+            committed.append(len(take))
+        new_tokens = max(committed)
+        for j in range(new_tokens):  # count the committed tokens in the pipeline's penalty state
+            col = torch.tensor([seqs[b][len(seqs[b]) - committed[b] + j] if j < committed[b] else 0
+                                for b in range(B)])
+            rows.append(col, active=torch.tensor([j < c for c in committed]))
+        stats.generated += sum(committed)
+        stats.rounds += 1
+        per_round.append(acc_list)
+        d.commit(seqs, n_acc)
+        rnd += 1
+    stats.seconds = time.perf_counter() - t0
+    stats.draft_forwards = getattr(d, "forwards", 0)
+    out = [s[P:] for s in seqs]
+    texts = [tokenizer.decode([t for t in o if t not in stop_ids]) for o in out] if tokenizer else None
+    return SpeculativeOutput(out, reasons, stats, texts, per_round)
+
+
+def _loader(target):
+    """Load a draft model by name the way the target was loaded (an Engine's class)."""
+    if hasattr(target, "tokenizer") and hasattr(type(target), "load"):
+        return lambda name: type(target).load(name)
+    return None
+
+
+@torch.inference_mode()
+def plain_generate(
+    target,
+    prompt,
+    params: SamplingParams | None = None,
+    max_tokens: int | None = None,
+    n: int | None = None,
+    seed: int | None = None,
+    eos_token_ids=None,
+    seeds: list[int] | None = None,
+) -> SpeculativeOutput:
+    """The reference: one target forward per token, the same pipeline and draw (rows batched). Used for
+    the speed-up baseline and the exactness tests."""
+    params = params or SamplingParams()
+    model, tokenizer, prompt_ids, eos = resolve_model(target, prompt, eos_token_ids)
+    max_tokens = params.max_tokens if max_tokens is None else max_tokens
+    if seeds is None:
+        n = params.n if n is None else n
+        base = seed if seed is not None else (params.seed if params.seed is not None else 0)
+        seeds = [derive_seed(base, i) for i in range(n)]
+    B, P = len(seeds), len(prompt_ids)
+    ctx = model.config.context_length
+    cache_len = min(ctx, P + max_tokens)
+    stop_ids = set(int(e) for e in eos) if not getattr(params, "ignore_eos", False) else set()
+    stop_ids |= set(getattr(params, "stop_token_ids", None) or [])
+    t0 = time.perf_counter()
+    rows = PipelineRows(params, prompt_ids, model.config.vocab_size, eos, B, seeds=seeds)
+    cache = KVCache(model.config, B, cache_len, dtype=model.dtype)
+    stats = SpeculativeStats()
+    logits = model(torch.tensor([prompt_ids]), torch.arange(P).unsqueeze(0), cache, rows=slice(0, 1))
+    for b in range(1, B):
+        cache.copy_slot(0, b, P)
+    logits = logits.expand(B, -1)
+    stats.target_forwards = 1
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    reasons = ["length"] * B
+    while True:
+        lp = rows.logprobs(logits)
+        tok = _draw(lp, rows.uniforms(rows.num_generated.clone(), 0))
+        active = torch.tensor([not x for x in done])
+        rows.append(tok, active=active)
+        for b, t in enumerate(tok.tolist()):
+            if done[b]:
+                continue
+            out[b].append(t)
+            stats.generated += 1
+            if t in stop_ids:
+                done[b], reasons[b] = True, "stop"
+            elif len(out[b]) >= max_tokens or P + len(out[b]) >= ctx:
+                done[b] = True
+        if all(done):
+            break
+        pos = torch.tensor([P + len(o) - 1 for o in out]).view(B, 1)
+        logits = model(tok.view(B, 1), pos.clamp(max=cache_len - 1), cache, rows=slice(0, B))
+        stats.target_forwards += 1
+        stats.rounds += 1
+    stats.seconds = time.perf_counter() - t0
+    texts = [tokenizer.decode([t for t in o if t not in stop_ids]) for o in out] if tokenizer else None
+    return SpeculativeOutput(out, reasons, stats, texts)
+
+
+def benchmark_speculative(target, drafts=("ngram", "early-exit:8", "int8"), prompt="Once upon a time, there was a",
+                          max_tokens: int = 64, num_speculative_tokens: int = 4, params: SamplingParams | None = None,
+                          repeats: int = 1) -> list[dict]:
+    """Acceptance rate and speed-up of speculative decoding against plain decoding of the same target with
+    the same pipeline (greedy by default), one sequence. Returns one dict per draft (for the benchmark and
+    BENCHMARKS.md): tokens/s plain and speculative, speed-up, acceptance rate, tokens per target forward,
+    and whether the greedy output was identical."""
+    params = params or SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+    def best_of(fn):
+        runs = [fn() for _ in range(max(1, repeats))]
+        return min(runs, key=lambda r: r.stats.seconds)
+
+    base = best_of(lambda: plain_generate(target, prompt, params, max_tokens=max_tokens, n=1))
+    base_tps = base.stats.generated / base.stats.seconds
+    model = target.model if hasattr(target, "tokenizer") else target
+    rows = []
+    for spec in drafts:
+        draft = make_draft(spec, model, load=_loader(target)) if isinstance(spec, str) else spec
+        name = spec if isinstance(spec, str) else getattr(draft, "name", "draft")
+        res = best_of(lambda draft=draft: speculative_generate(target, draft, prompt, params, num_speculative_tokens,
+                                                               max_tokens=max_tokens, n=1))
+        tps = res.stats.generated / res.stats.seconds
+        rows.append({
+            "draft": name, "gamma": num_speculative_tokens, "tokens": res.stats.generated,
+            "plain_tok_s": base_tps, "spec_tok_s": tps, "speedup": tps / base_tps,
+            "acceptance_rate": res.stats.acceptance_rate,
+            "tokens_per_target_forward": res.stats.generated / max(1, res.stats.target_forwards),
+            "drafted": res.stats.drafted, "accepted": res.stats.accepted,
+            "same_as_plain": res.token_ids == base.token_ids,
+        })
+    return rows

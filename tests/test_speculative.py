@@ -1,0 +1,145 @@
+"""Speculative decoding: greedy output identical to plain greedy for every kind of draft (so the caches stay
+consistent after rejections), and sampled output distributed exactly like plain sampling (chi-square over
+the first two tokens against the target's exact two-token distribution, with a power check)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from logitlab.decoding.speculative import (
+    NgramDraft,
+    benchmark_speculative,
+    make_draft,
+    plain_generate,
+    speculative_generate,
+)
+from logitlab.sampling import ParamError, SamplingParams
+
+from tiny import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads cost 10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+V = 8
+
+
+@torch.inference_mode()
+def naive_greedy(model, prompt, steps):
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(model(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0))[0].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("draft", ["other", "early-exit:1", "early-exit:2", "int8", "ngram"])
+def test_greedy_speculative_equals_plain_greedy(draft):
+    target = tiny_model(1, vocab_size=61)
+    spec = tiny_model(2, vocab_size=61) if draft == "other" else draft
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    for prompt in ([7], [1, 2, 3, 1, 2, 3, 1]):
+        ref = naive_greedy(target, prompt, 20)
+        plain = plain_generate(target, prompt, params)
+        assert plain.token_ids[0] == ref
+        for gamma in (1, 4):
+            out = speculative_generate(target, spec, prompt, params, num_speculative_tokens=gamma)
+            assert out.token_ids[0] == ref, (draft, prompt, gamma)
+            s = out.stats
+            assert s.generated == 20 and 0 <= s.accepted <= s.drafted
+            assert s.rounds <= 20
+
+
+def test_greedy_rows_with_eos_stop_independently():
+    target = tiny_model(1, vocab_size=61)
+    ref = naive_greedy(target, [5, 9, 2], 12)
+    eos = ref[6]  # a token greedy produces: the row must stop there
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    out = speculative_generate(target, "early-exit:1", [5, 9, 2], params, num_speculative_tokens=4,
+                               eos_token_ids=[eos])
+    assert out.token_ids[0] == ref[: ref.index(eos) + 1]
+    assert out.finish_reasons == ["stop"]
+
+
+@torch.inference_mode()
+def exact_two_token_distribution(model, prompt, params):
+    """P(t1, t2) = p(t1) p(t2 | t1) through the same pipeline (temperature, truncation) as generation."""
+    from logitlab.decoding.constraints import PipelineRows
+
+    rows = PipelineRows(params, prompt, V, [], 1)
+    p1 = rows.logprobs(model(torch.tensor([prompt]), torch.arange(len(prompt)).unsqueeze(0))).exp()[0]
+    seqs = torch.tensor([prompt + [t] for t in range(V)])
+    logits = model(seqs, torch.arange(len(prompt) + 1).expand(V, -1))
+    rows = PipelineRows(params, prompt, V, [], V)
+    rows.append(torch.arange(V))
+    p2 = rows.logprobs(logits).exp()  # [V (t1), V (t2)]
+    return (p1.unsqueeze(1) * p2).double()
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    n = counts.sum()
+    exp = probs.flatten() * n
+    obs = counts.flatten().double()
+    keep = exp >= 5  # pool the rare cells into one
+    obs_k = torch.cat([obs[keep], obs[~keep].sum().view(1)])
+    exp_k = torch.cat([exp[keep], exp[~keep].sum().view(1)])
+    if exp_k[-1] < 1e-9:
+        obs_k, exp_k = obs_k[:-1], exp_k[:-1]
+    exp_k = exp_k * obs_k.sum() / exp_k.sum()
+    return float(chisquare(obs_k.numpy(), exp_k.numpy()).pvalue)
+
+
+@pytest.mark.parametrize("draft,params", [
+    ("other", SamplingParams(temperature=1.0)),
+    ("early-exit:1", SamplingParams(temperature=0.8, top_k=5)),
+    ("ngram", SamplingParams(temperature=1.0)),
+])
+def test_sampled_speculative_follows_the_target_distribution(draft, params):
+    target = tiny_model(11, vocab_size=V)
+    other = tiny_model(12, vocab_size=V)
+    spec = other if draft == "other" else draft
+    prompt = [1, 2, 3, 1, 2]
+    N = 3000
+    out = speculative_generate(target, spec, prompt, params, num_speculative_tokens=3, max_tokens=2,
+                               seeds=list(range(1000, 1000 + N)))
+    counts = torch.zeros(V, V)
+    for ids in out.token_ids:
+        counts[ids[0], ids[1]] += 1
+    exact = exact_two_token_distribution(target, prompt, params)
+    assert chi2_pvalue(counts, exact) > 1e-3
+    # power: the same counts are far from what the draft alone would produce
+    if draft == "other":
+        assert out.stats.acceptance_rate < 0.95
+        wrong = exact_two_token_distribution(other, prompt, params)
+        assert chi2_pvalue(counts, wrong) < 1e-6
+
+
+def test_ngram_lookup_and_bad_specs():
+    d = NgramDraft(3)
+    assert d.lookup([1, 2, 3, 4, 1, 2, 3], 2) == [4, 1]
+    assert d.lookup([1, 2, 3, 4, 5, 2], 3) == [3, 4, 5]
+    assert d.lookup([1, 2, 3, 4, 1, 2], 5) == [3, 4, 1, 2]  # only what is there
+    assert d.lookup([9, 8, 7], 2) == []  # no match: nothing proposed, a plain decode step
+    target = tiny_model(1, vocab_size=61)
+    for bad in ("early-exit:0", "early-exit:3", "early-exit:x", "ngram:0", "whatever"):
+        with pytest.raises(ParamError, match="speculative"):
+            make_draft(bad, target)
+    with pytest.raises(ParamError, match="vocabulary"):
+        make_draft(tiny_model(2, vocab_size=60), target)
+    with pytest.raises(ParamError, match="num_speculative_tokens"):
+        speculative_generate(target, "ngram", [1, 2], SamplingParams(), num_speculative_tokens=0)
+
+
+def test_benchmark_reports_acceptance_and_speedup():
+    target = tiny_model(1, vocab_size=61)
+    rows = benchmark_speculative(target, drafts=("ngram", "early-exit:2"), prompt=[1, 2, 3, 1, 2, 3],
+                                 max_tokens=12, num_speculative_tokens=3)
+    assert [r["draft"] for r in rows] == ["ngram", "early-exit:2"]
+    for r in rows:
+        assert r["same_as_plain"] and 0 <= r["acceptance_rate"] <= 1 and r["speedup"] > 0
