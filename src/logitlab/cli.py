@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from .sampling import ParamError, SamplingParams
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
     except (ValueError, OSError) as e:  # unknown model, unreadable file, ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: model: {msg}" if "model" in msg.lower() else f"error: input: {msg}", file=sys.stderr)
+        print(f"error: {msg}" if re.match(r"^\w+: ", msg) else f"error: input: {msg}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,227 @@
+"""``logitlab bench``: speed and memory of the engine, side by side with its peers in ONE run.
+
+These machines are noisy, so every figure that matters is printed as a ratio against a peer measured
+in the same process moments apart: Hugging Face transformers holding the same (dequantized) weights,
+and llama-cpp-python on the same GGUF when it is installed. Results go to stdout and, with --out, to
+a JSON file; BENCHMARKS.md records them with the exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from .sampling import SamplingParams
+
+PROMPT = "Once upon a time, there was a little robot who lived in a quiet village by the sea. Every morning"
+
+
+def _decode_rate(engine, tokens: int, batch: int, temperature: float) -> float:
+    """Generated tokens per second across ``batch`` streams, prefill excluded (timed from the first
+    token of the slowest stream... i.e. after every stream has its first token)."""
+    params = SamplingParams(max_tokens=tokens, temperature=temperature, top_p=0.95 if temperature else 1.0,
+                            ignore_eos=True, seed=1)
+    sched = engine.scheduler
+    reqs = [r for i in range(batch) for r in engine.make_requests(PROMPT + f" {i}", params)]
+    sched.add(reqs)
+    while any(not r.output_ids for r in reqs):
+        sched.step()
+    done0 = sum(len(r.output_ids) for r in reqs)
+    t0 = time.perf_counter()
+    while sched.has_work():
+        sched.step()
+    dt = time.perf_counter() - t0
+    return (sum(len(r.output_ids) for r in reqs) - done0) / dt
+
+
+@torch.inference_mode()
+def _prefill_rate(model, n: int) -> float:
+    toks = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(n).unsqueeze(0)
+    model(toks[:, :32], pos[:, :32])  # warm-up
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        model(toks, pos)
+        best = min(best, time.perf_counter() - t0)
+    return n / best
+
+
+def _hf_model(weights):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = weights.config
+    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                      num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+                      max_position_embeddings=c.context_length, rms_norm_eps=c.rms_norm_eps,
+                      rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings)
+    m = LlamaForCausalLM(cfg).eval()
+    sd = dict(weights.state_dict)
+    if c.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    m.load_state_dict(sd, strict=False)
+    return m
+
+
+@torch.inference_mode()
+def _hf_decode_rate(hf, tokenizer, tokens: int, batch: int, sample: bool) -> float:
+    ids = [tokenizer.encode(PROMPT + f" {i}") for i in range(batch)]
+    width = max(map(len, ids))
+    x = torch.tensor([[0] * (width - len(s)) + s for s in ids])  # left padding, as HF generate wants
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids])
+    kw = dict(attention_mask=mask, do_sample=sample, pad_token_id=0, top_p=0.95 if sample else None,
+              temperature=0.8 if sample else None, top_k=None)
+    hf.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)  # warm-up; also the prefill cost
+    t0 = time.perf_counter()
+    hf.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+    t_prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hf.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, **kw)
+    dt = time.perf_counter() - t0 - t_prefill
+    return batch * (tokens - 1) / dt
+
+
+@torch.inference_mode()
+def _hf_prefill_rate(hf, n: int) -> float:
+    toks = torch.randint(0, hf.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    hf(toks[:, :32])
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        hf(toks, use_cache=False, logits_to_keep=1)
+        best = min(best, time.perf_counter() - t0)
+    return n / best
+
+
+def _llamacpp(gguf_path: str, tokens: int, prefill: int) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=gguf_path, n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
+    ids = llm.tokenize(PROMPT.encode())
+    llm.eval(ids)  # warm-up
+    llm.reset()
+    llm.eval(ids)
+    n = 0
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        tok = llm.sample(temp=0.0)
+        llm.eval([tok])
+        n += 1
+    decode = n / (time.perf_counter() - t0)
+    long = list(range(100, 100 + prefill))
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(long)
+    pre = prefill / (time.perf_counter() - t0)
+    return {"decode_tok_s": decode, "prefill_tok_s": pre}
+
+
+def _load_times(model: str, dtype: str) -> dict:
+    """Cold (GGUF -> converted cache) and warm (memory-mapped cache) load, each in a fresh process so
+    imports and caches are counted honestly."""
+    code = ("import time,sys; t=time.perf_counter(); from logitlab.engine import Engine; "
+            f"Engine.load({model!r}, dtype={dtype!r}, max_batch=1, max_len=256); "
+            "print(time.perf_counter()-t)")
+    from .weights import resolve_model
+
+    src = str(resolve_model(model))
+    out = {}
+    with tempfile.TemporaryDirectory() as home:
+        env = dict(os.environ, LOGITLAB_HOME=home)
+        target = src
+        if src.endswith(".gguf"):  # a fresh home holding only the GGUF: the first load converts
+            target = os.path.join(home, os.path.basename(src))
+            os.symlink(src, target)
+            code = code.replace(repr(model), repr(target))
+        for label in ("cold_load_s", "warm_load_s"):
+            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr else "load failed")
+            out[label] = float(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def run(args) -> dict:
+    from .engine import Engine
+    from .weights import load_weights, resolve_model
+
+    torch.set_num_threads(args.threads)
+    res: dict = {"model": args.model, "dtype": args.dtype, "threads": args.threads}
+    print(f"logitlab bench: {args.model} dtype={args.dtype} threads={args.threads}", file=sys.stderr)
+    if not args.skip_load:
+        res.update(_load_times(args.model, args.dtype))
+    w = load_weights(args.model)
+    engine = Engine.load(args.model, dtype=args.dtype, max_batch=32, max_len=1024)
+    res["decode_1_tok_s"] = _decode_rate(engine, args.tokens, 1, 0.0)
+    res["sampled_8_tok_s"] = _decode_rate(engine, args.tokens, 8, 0.8)
+    res["sampled_32_tok_s"] = _decode_rate(engine, args.tokens, 32, 0.8)
+    res["prefill_512_tok_s"] = _prefill_rate(engine.model, 512)
+    if args.no_cache:
+        nc = Engine(engine.model, engine.tokenizer, max_batch=1, max_len=1024, use_cache=False)
+        res["no_kv_cache_decode_1_tok_s"] = _decode_rate(nc, args.tokens, 1, 0.0)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    del engine
+    if not args.skip_hf:
+        hf = _hf_model(w)
+        res["hf_decode_1_tok_s"] = _hf_decode_rate(hf, w.tokenizer, args.tokens, 1, False)
+        res["hf_sampled_8_tok_s"] = _hf_decode_rate(hf, w.tokenizer, args.tokens, 8, True)
+        res["hf_prefill_512_tok_s"] = _hf_prefill_rate(hf, 512)
+        del hf
+    src = str(resolve_model(args.model))
+    if src.endswith(".gguf") and not args.skip_llamacpp:
+        lc = _llamacpp(src, args.tokens, 512)
+        if lc:
+            res["llamacpp_decode_1_tok_s"] = lc["decode_tok_s"]
+            res["llamacpp_prefill_512_tok_s"] = lc["prefill_tok_s"]
+    return res
+
+
+def report(res: dict) -> str:
+    lines = [f"{k:<28} {v:10.2f}" if isinstance(v, float) else f"{k:<28} {v}" for k, v in res.items()]
+    ratios = []
+
+    def ratio(label, a, b):
+        if a in res and b in res:
+            ratios.append(f"{label:<44} {res[a] / res[b]:6.2f}x")
+
+    ratio("1-stream decode vs transformers", "decode_1_tok_s", "hf_decode_1_tok_s")
+    ratio("32-stream sampled vs transformers 8-stream", "sampled_32_tok_s", "hf_sampled_8_tok_s")
+    ratio("8-stream sampled vs transformers 8-stream", "sampled_8_tok_s", "hf_sampled_8_tok_s")
+    ratio("prefill 512 vs transformers", "prefill_512_tok_s", "hf_prefill_512_tok_s")
+    ratio("1-stream decode vs llama.cpp", "decode_1_tok_s", "llamacpp_decode_1_tok_s")
+    ratio("prefill 512 vs llama.cpp", "prefill_512_tok_s", "llamacpp_prefill_512_tok_s")
+    ratio("KV cache vs no cache (1-stream decode)", "decode_1_tok_s", "no_kv_cache_decode_1_tok_s")
+    return "\n".join(lines + ["", "ratios (same run):"] + ratios)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .weights import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="logitlab bench")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dtype", default="int8", choices=["float32", "bfloat16", "int8"])
+    p.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-cache", action="store_true", help="also measure decoding without the KV cache")
+    p.add_argument("--skip-load", action="store_true")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-llamacpp", action="store_true")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    res = run(args)
+    print(report(res))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
