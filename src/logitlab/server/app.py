@@ -1,0 +1,695 @@
+"""The OpenAI-compatible HTTP API and the playground, over one Engine.
+
+    from logitlab.server.app import create_app
+    app = create_app(Engine.load(), api_key=None)      # then: uvicorn.run(app, host="127.0.0.1")
+
+Every generation request goes through ``Engine.make_requests`` (validation, tokenization, seeds) and the
+engine's scheduler, which one background thread drives (``runner.Runner``): concurrent HTTP requests
+join the running decode batch at the next step (continuous batching). Errors are OpenAI error objects;
+no input from a client yields a 500 (a 500 means a bug in logitlab).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import Completion, GenerationResult
+from ..openai_format import completion_logprobs, completion_response
+from ..sampling import ParamError, SamplingParams
+from . import schemas
+from .distribution import next_token_distribution
+from .metrics import Metrics
+from .runner import QueueFull, Runner
+
+log = logging.getLogger("logitlab.server")
+
+STATIC = Path(__file__).parent / "static"
+MAX_STOP = 4  # OpenAI's limit on stop strings
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+_UNION_HINTS = {
+    "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "stop": "must be a string or a list of strings",
+}
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    errs = e.errors(include_url=False)
+    for er in errs:
+        if er["type"] == "extra_forbidden":
+            name = ".".join(str(p) for p in er["loc"])
+            return APIError(400, f"Unrecognized request argument supplied: {name}", param=name,
+                            code="unknown_parameter")
+    er = errs[0]
+    loc = [str(p) for p in er["loc"]]
+    field = loc[0] if loc else None
+    if er["type"] == "missing":
+        return APIError(400, f"{'.'.join(loc)}: a value is required", param=field, code="missing_parameter")
+    if field in _UNION_HINTS and len(loc) >= 1:
+        return APIError(400, f"{field}: {_UNION_HINTS[field]}", param=field, code="invalid_type")
+    path = ".".join(p for p in loc if not any(c in p for c in "[]"))
+    return APIError(400, f"{path or field}: {er['msg']}", param=field, code="invalid_type")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _check_strings(data) -> None:
+    """Reject lone surrogates (valid JSON escapes, not valid Unicode text) anywhere in the body."""
+    stack = [data]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, "The request body contains a string that is not valid Unicode "
+                                    "(a lone surrogate escape)", code="invalid_json") from None
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+
+
+class _Stream:
+    """The asyncio end of one submission: the runner thread puts (event, trace) here."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def sink(self, ev, trace) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (ev, trace))
+
+
+def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_body_bytes: int = 1 << 20,
+               model_names: list[str] | None = None) -> FastAPI:
+    """The FastAPI app. ``api_key``: when set, every API route needs ``Authorization: Bearer KEY``
+    (``/health``, the playground page and its static files do not). ``max_queue``: requests waiting for
+    a slot before new ones get 429. ``max_body_bytes``: larger bodies get 413. ``model_names``: the names
+    clients may use in ``model`` (default: the engine's name)."""
+    metrics = Metrics()
+    runner = Runner(engine, max_queue=max_queue, metrics=metrics)
+    served = list(model_names or [engine.name])
+    tok = engine.tokenizer
+    max_batch = engine.scheduler.max_batch
+    key_bytes = api_key.encode("utf-8") if api_key else None
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        runner.start()
+        try:
+            yield
+        finally:
+            runner.stop()
+
+    app = FastAPI(title="logitlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.runner, app.state.metrics = engine, runner, metrics
+
+    # ---- errors ------------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(ParamError)
+    async def _param_error(request, e: ParamError):
+        return error_response(400, str(e), param=getattr(e, "field", None), code="invalid_value")
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request, e: RequestValidationError):
+        return error_response(400, "invalid request", code="invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            return error_response(404, f"Unknown route: {request.method} {request.url.path}",
+                                  code="not_found")
+        if e.status_code == 405:
+            return error_response(405, f"Method {request.method} is not allowed on {request.url.path}",
+                                  code="method_not_allowed")
+        return error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error: {type(e).__name__}", type_="server_error")
+
+    # ---- metrics middleware (pure ASGI, so streamed responses are timed to their end) ---------
+    class _Timing:
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+            t0, status = time.perf_counter(), [500]
+
+            async def send_wrapper(message):
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                    if scope["path"] == "/" or scope["path"].startswith("/static/"):
+                        message.setdefault("headers", [])
+                        message["headers"] = list(message["headers"]) + [
+                            (b"content-security-policy", CSP.encode()),
+                            (b"x-content-type-options", b"nosniff"),
+                        ]
+                await send(message)
+
+            try:
+                await self.inner(scope, receive, send_wrapper)
+            finally:
+                metrics.record_request(scope["path"], status[0], time.perf_counter() - t0)
+
+    app.add_middleware(_Timing)
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def auth(request: Request) -> None:
+        if key_bytes is None:
+            return
+        header = request.headers.get("authorization")
+        if not header:
+            raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode("latin-1", "replace")
+        ok = hmac.compare_digest(given, key_bytes)  # constant time, whatever the scheme says
+        if not (ok and scheme.lower() == "bearer"):
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    async def read_body(request: Request, model: type[BaseModel]):
+        cl = request.headers.get("content-length")
+        if cl is not None and cl.isdigit() and int(cl) > max_body_bytes:
+            raise APIError(413, f"The request body is {int(cl)} bytes; this server accepts at most "
+                                f"{max_body_bytes}", code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise APIError(413, f"The request body is larger than this server accepts "
+                                    f"({max_body_bytes} bytes)", code="request_too_large")
+        try:
+            data = json.loads(bytes(body), parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise APIError(400, f"We could not parse the JSON body of your request ({msg}).",
+                           code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+        _check_strings(data)
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise _validation_error(e) from None
+
+    def check_model(name: str | None) -> str:
+        if name is not None and name not in served:
+            raise APIError(404, f"The model `{name}` does not exist. This server serves: {', '.join(served)}",
+                           param="model", code="model_not_found")
+        return name or served[0]
+
+    def sampling_params(body: schemas._Sampling, **extra) -> SamplingParams:
+        kw = {f: getattr(body, f) for f in schemas.PASS_THROUGH if getattr(body, f) is not None}
+        if body.stop is not None:
+            stop = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+            if len(stop) > MAX_STOP:
+                raise ParamError("stop", f"at most {MAX_STOP} stop strings, got {len(stop)}")
+            kw["stop"] = stop
+        if body.logit_bias is not None:
+            kw["logit_bias"] = _logit_bias(body.logit_bias)
+        kw.update({k: v for k, v in extra.items() if v is not None})
+        n = kw.get("n", 1)
+        if n > max_batch:
+            raise ParamError("n", f"must be at most {max_batch} (this server's --max-batch), got {n}")
+        try:
+            return SamplingParams(**kw)
+        except ParamError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise APIError(400, f"invalid sampling parameters: {e}", code="invalid_value") from None
+
+    def make_groups(prompts: list, params: SamplingParams) -> list:
+        total = len(prompts) * params.n
+        if total > max_queue:
+            raise ParamError("prompt", f"{len(prompts)} prompts x n={params.n} = {total} requests; "
+                                       f"this server queues at most {max_queue}")
+        if not prompts:
+            raise ParamError("prompt", "must not be empty")
+        groups = []
+        for p in prompts:
+            try:
+                groups.append(engine.make_requests(p, params))
+            except ParamError:
+                raise
+            except (UnicodeError, TypeError, ValueError, OverflowError) as e:
+                raise ParamError("prompt", f"cannot be tokenized: {e}") from None
+        return groups
+
+    def submit(groups: list) -> tuple[_Stream, list]:
+        stream = _Stream(asyncio.get_running_loop())
+        requests = [r for g in groups for r in g]
+        try:
+            runner.submit(requests, stream.sink)
+        except QueueFull as e:
+            raise APIError(429, str(e), type_="rate_limit_error", code="queue_full") from None
+        metrics.record_tokens(prompt=sum(len(g[0].prompt_ids) for g in groups))
+        return stream, requests
+
+    def abort(requests: list) -> None:
+        left = [r for r in requests if not r.finished]
+        if left:
+            runner.abort(left)
+            metrics.record_abort(len(left))
+
+    async def events(request: Request, stream: _Stream, requests: list, t0: float, poll: bool):
+        """Yield (event, trace) until every request has finished. ``poll``: check every half second
+        whether the client went away (non-streaming responses; a streaming response is cancelled by
+        the server when its client disconnects)."""
+        remaining = {r.id for r in requests}
+        first = True
+        while remaining:
+            if poll:
+                try:
+                    ev, trace = await asyncio.wait_for(stream.queue.get(), timeout=0.5)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        raise _ClientGone() from None
+                    continue
+            else:
+                ev, trace = await stream.queue.get()
+            if ev.token_id is not None:
+                metrics.record_tokens(generated=1)
+                if first:
+                    metrics.record_ttft(time.perf_counter() - t0)
+                    first = False
+            if ev.finish_reason is not None:
+                remaining.discard(ev.request.id)
+            yield ev, trace
+
+    async def collect(request: Request, stream: _Stream, requests: list, t0: float) -> None:
+        try:
+            async for _ in events(request, stream, requests, t0, poll=True):
+                pass
+        except (_ClientGone, asyncio.CancelledError):
+            abort(requests)
+            raise
+
+    def internal_failure(requests: list) -> APIError | None:
+        bad = [r for r in requests if r.finish_reason == "error" and (r.error or "").startswith("internal")]
+        if bad:
+            return APIError(500, bad[0].error, type_="server_error")
+        return None
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False)}\n\n"
+
+    def prompt_text(p) -> str:
+        return p if isinstance(p, str) else tok.decode(p)
+
+    def usage(groups) -> dict:
+        pt = sum(len(g[0].prompt_ids) for g in groups)
+        ct = sum(len(r.output_ids) for g in groups for r in g)
+        return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+
+    # ---- routes: completions -----------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        t0 = time.perf_counter()
+        auth(request)
+        body = await read_body(request, schemas.CompletionRequest)
+        model = check_model(body.model)
+        prompts = _prompts(body.prompt)
+        want_lp = body.logprobs is not None
+        params = sampling_params(body, max_tokens=body.max_tokens if body.max_tokens is not None else 16,
+                                 logprobs=body.logprobs, echo=body.echo)
+        groups = make_groups(prompts, params)
+        stream, requests = submit(groups)
+        n = params.n
+        texts = [prompt_text(p) for p in prompts]
+        if body.stream:
+            return _sse_response(stream_completions(request, stream, requests, groups, texts, model, n,
+                                                    bool(body.echo), want_lp, _include_usage(body), t0))
+        try:
+            await collect(request, stream, requests, t0)
+        except _ClientGone:
+            return Response(status_code=499)
+        if (err := internal_failure(requests)) is not None:
+            raise err
+        results = [GenerationResult(text, g[0].prompt_ids, [_completion(r) for r in g])
+                   for text, g in zip(texts, groups, strict=True)]
+        return _json(completion_response(tok, model, results, echo=bool(body.echo), logprobs=want_lp))
+
+    async def stream_completions(request, stream, requests, groups, texts, model, n, echo, want_lp,
+                                 include_usage, t0):
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        where = {r.id: (gi, gi * n + r.index) for gi, g in enumerate(groups) for r in g}
+        offsets = {r.id: (len(texts[where[r.id][0]]) if echo else 0) for r in requests}
+        started: set[int] = set()
+
+        def chunk(choice: dict) -> str:
+            out = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                   "choices": [choice]}
+            if include_usage:
+                out["usage"] = None
+            return sse(out)
+
+        try:
+            async for ev, trace in events(request, stream, requests, t0, poll=False):
+                r = ev.request
+                gi, index = where[r.id]
+                if echo and r.id not in started:
+                    lp = None
+                    if want_lp:
+                        c = Completion(r.index, "", [], "", [], [], r.prompt_logprobs, r.prompt_top_logprobs)
+                        lp = completion_logprobs(tok, c, r.prompt_ids)
+                    yield chunk({"index": index, "text": texts[gi], "logprobs": lp, "finish_reason": None})
+                started.add(r.id)
+                choice = {"index": index, "text": ev.text, "logprobs": None,
+                          "finish_reason": ev.finish_reason}
+                if ev.token_id is not None:
+                    choice["token_ids"] = [ev.token_id]
+                    if want_lp:
+                        c = Completion(r.index, ev.text, [ev.token_id], "", [ev.logprob],
+                                       [ev.top_logprobs] if ev.top_logprobs is not None else None)
+                        choice["logprobs"] = completion_logprobs(tok, c, text_start=offsets[r.id])
+                offsets[r.id] += len(ev.text)
+                if trace is not None:
+                    choice["trace"] = [trace]
+                if ev.finish_reason == "error" and r.error:
+                    choice["error"] = r.error
+                yield chunk(choice)
+            if (err := internal_failure(requests)) is not None:
+                yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": None}})
+            if include_usage:
+                yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [], "usage": usage(groups)})
+            yield "data: [DONE]\n\n"
+        finally:
+            abort(requests)  # a no-op unless the client went away mid-stream
+
+    # ---- routes: chat ------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        t0 = time.perf_counter()
+        auth(request)
+        body = await read_body(request, schemas.ChatRequest)
+        model = check_model(body.model)
+        try:
+            prompt = engine.chat_prompt([m.as_dict() for m in body.messages])
+        except Exception as e:  # the template may raise on a conversation it does not support
+            raise APIError(400, f"messages: the chat template cannot render them: {e}", param="messages",
+                           code="invalid_value") from None
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise ParamError("max_completion_tokens", "give max_completion_tokens or max_tokens, not both")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ParamError("top_logprobs", "requires logprobs=true")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is None:  # as much as the context holds
+            try:
+                n_prompt = len(engine.encode_prompt(prompt))
+            except (UnicodeError, TypeError, ValueError) as e:
+                raise ParamError("messages", f"cannot be tokenized: {e}") from None
+            max_tokens = max(1, engine.max_len - n_prompt)
+        lp = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling_params(body, max_tokens=max_tokens, logprobs=lp)
+        try:
+            groups = make_groups([prompt], params)
+        except ParamError as e:
+            if getattr(e, "field", None) == "logprobs":
+                raise APIError(400, str(e), param="top_logprobs", code="invalid_value") from None
+            raise
+        stream, requests = submit(groups)
+        if body.stream:
+            return _sse_response(stream_chat(request, stream, requests, groups, model, bool(body.logprobs),
+                                             _include_usage(body), t0))
+        try:
+            await collect(request, stream, requests, t0)
+        except _ClientGone:
+            return Response(status_code=499)
+        if (err := internal_failure(requests)) is not None:
+            raise err
+        choices = []
+        for r in requests:
+            choice = {"index": r.index, "message": {"role": "assistant", "content": r.text},
+                      "logprobs": {"content": _chat_logprobs(tok, r.output_ids, r.token_logprobs,
+                                                             r.top_logprobs)} if body.logprobs else None,
+                      "finish_reason": r.finish_reason}
+            if r.params.explain:
+                choice["trace"] = r.trace
+            if r.error:
+                choice["error"] = r.error
+            choices.append(choice)
+        return _json({"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+                      "created": int(time.time()), "model": model, "choices": choices,
+                      "usage": usage(groups)})
+
+    async def stream_chat(request, stream, requests, groups, model, want_lp, include_usage, t0):
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(choice: dict) -> str:
+            out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [choice]}
+            if include_usage:
+                out["usage"] = None
+            return sse(out)
+
+        try:
+            for r in requests:
+                yield chunk({"index": r.index, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None})
+            async for ev, trace in events(request, stream, requests, t0, poll=False):
+                r = ev.request
+                choice = {"index": r.index, "delta": {"content": ev.text} if ev.text else {},
+                          "logprobs": None, "finish_reason": ev.finish_reason}
+                if ev.token_id is not None:
+                    choice["token_ids"] = [ev.token_id]
+                    if want_lp:
+                        choice["logprobs"] = {"content": _chat_logprobs(
+                            tok, [ev.token_id], [ev.logprob], [ev.top_logprobs])}
+                if trace is not None:
+                    choice["trace"] = [trace]
+                if ev.finish_reason == "error" and r.error:
+                    choice["error"] = r.error
+                yield chunk(choice)
+            if (err := internal_failure(requests)) is not None:
+                yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": None}})
+            if include_usage:
+                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [], "usage": usage(groups)})
+            yield "data: [DONE]\n\n"
+        finally:
+            abort(requests)
+
+    # ---- routes: models, tokens, health, metrics ---------------------------------------------
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "logitlab",
+                "max_model_len": engine.max_len}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        auth(request)
+        return {"object": "list", "data": [model_card(m) for m in served]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_info(name: str, request: Request):
+        auth(request)
+        return model_card(check_model(name))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        auth(request)
+        body = await read_body(request, schemas.TokenizeRequest)
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ParamError("prompt", "give exactly one of prompt or messages")
+        if body.messages is not None:
+            if not body.messages:
+                raise ParamError("messages", "must not be empty")
+            try:
+                text = engine.chat_prompt([m.as_dict() for m in body.messages])
+            except Exception as e:
+                raise APIError(400, f"messages: the chat template cannot render them: {e}", param="messages",
+                               code="invalid_value") from None
+        else:
+            text = body.prompt
+        try:
+            ids = tok.encode(text, add_special_tokens=body.add_special_tokens)
+        except (UnicodeError, TypeError, ValueError) as e:
+            raise ParamError("prompt", f"cannot be tokenized: {e}") from None
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_len,
+                "token_strs": [tok.decode([i]) for i in ids]}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        auth(request)
+        body = await read_body(request, schemas.DetokenizeRequest)
+        check_model(body.model)
+        V = min(engine.vocab_size, tok.vocab_size)
+        bad = [t for t in body.tokens if not 0 <= t < V]
+        if bad:
+            raise ParamError("tokens", f"token ids must be integers in [0, {V}), got {bad[0]}")
+        return {"prompt": tok.decode(body.tokens)}
+
+    @app.get("/health")
+    async def health():
+        if not runner.alive:
+            return error_response(503, "the engine loop is not running", type_="server_error")
+        return {"status": "ok", "model": served[0], "running": runner.running, "queued": runner.queued}
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request):
+        auth(request)
+        return PlainTextResponse(metrics.render(runner), media_type="text/plain; version=0.0.4")
+
+    # ---- routes: the playground --------------------------------------------------------------
+    @app.post("/v1/distribution")
+    async def distribution(request: Request):
+        auth(request)
+        body = await read_body(request, schemas.DistributionRequest)
+        check_model(body.model)
+        kw = {f: getattr(body, f) for f in schemas.DIST_PASS_THROUGH if getattr(body, f) is not None}
+        if body.logit_bias is not None:
+            kw["logit_bias"] = _logit_bias(body.logit_bias)
+        try:
+            params = SamplingParams(max_tokens=1, **kw)
+        except ParamError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise APIError(400, f"invalid sampling parameters: {e}", code="invalid_value") from None
+        try:
+            ids = engine.encode_prompt(body.prompt)
+        except ParamError:
+            raise
+        except (UnicodeError, TypeError, ValueError) as e:
+            raise ParamError("prompt", f"cannot be tokenized: {e}") from None
+        gen = list(body.generated)
+        V = engine.vocab_size
+        if any(not 0 <= t < V for t in gen):
+            raise ParamError("generated", f"token ids must be integers in [0, {V})")
+        if len(ids) + len(gen) > engine.max_len:
+            raise ParamError("prompt", f"has {len(ids) + len(gen)} tokens (with generated); the context "
+                                       f"holds {engine.max_len}")
+        params.validate(V, context_length=engine.max_len, prompt_len=len(ids) + len(gen),
+                        eos_token_ids=sorted(tok.eos_token_ids))
+        fut = runner.call(lambda: next_token_distribution(engine, ids, gen, params, top=body.top))
+        result = await asyncio.wrap_future(fut)
+        result["model"] = served[0]
+        return _json(result)
+
+    @app.get("/")
+    async def playground():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+# ---- module helpers ------------------------------------------------------------------------------
+
+def _finite(x):
+    """JSON has no infinities: -inf (a logprob of a removed token) becomes -9999.0, as in OpenAI's API;
+    nan and +inf become null."""
+    if isinstance(x, float):
+        if math.isfinite(x):
+            return x
+        return -9999.0 if x == -math.inf else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _json(obj, status: int = 200) -> JSONResponse:
+    return JSONResponse(_finite(obj), status_code=status)
+
+
+def _sse_response(gen) -> StreamingResponse:
+    return StreamingResponse(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _prompts(prompt) -> list:
+    """The request's prompt as a list of prompts (each a string or a list of token ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ParamError("prompt", "must not be empty")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
+    out = {}
+    for k, v in bias.items():
+        try:
+            tid = int(k)
+        except ValueError:
+            raise ParamError("logit_bias", f"keys must be token ids (integers), got {k!r}") from None
+        if not math.isfinite(v):
+            raise ParamError("logit_bias", f"bias for token {tid} must be a finite number")
+        out[tid] = v
+    return out
+
+
+def _completion(r) -> Completion:
+    return Completion(
+        index=r.index, text=r.text, token_ids=list(r.output_ids), finish_reason=r.finish_reason,
+        token_logprobs=r.token_logprobs,
+        top_logprobs=r.top_logprobs if r.params.logprobs is not None else None,
+        prompt_logprobs=r.prompt_logprobs, prompt_top_logprobs=r.prompt_top_logprobs,
+        trace=r.trace if r.params.explain else None, error=r.error,
+    )
+
+
+def _chat_logprobs(tok, ids, lps, tops) -> list[dict]:
+    """OpenAI chat ``logprobs.content``: one entry per token with its top alternatives."""
+    out = []
+    for i, tid in enumerate(ids):
+        s = tok.decode([tid])
+        top = tops[i] if tops and i < len(tops) and tops[i] is not None else []
+        out.append({"token": s, "logprob": lps[i], "bytes": list(s.encode("utf-8")),
+                    "top_logprobs": [{"token": (t := tok.decode([a])), "logprob": b,
+                                      "bytes": list(t.encode("utf-8"))} for a, b in top]})
+    return out

@@ -1,0 +1,194 @@
+"""The one thread that drives the engine's scheduler for the HTTP server.
+
+The scheduler is not thread-safe, and the model should not run two forwards at once on a small CPU, so
+one background thread owns both. Everything else talks to it through thread-safe hand-offs:
+
+- ``submit(requests, sink)``: queue requests (checked against ``max_queue``); every ``TokenEvent`` of
+  those requests is passed to ``sink(event, trace_entry)`` from the runner thread, right after the step
+  that made it (the asyncio side wraps ``loop.call_soon_threadsafe``).
+- ``abort(requests)``: cancel (client went away); the scheduler frees the slots at its next step.
+- ``call(fn)``: run ``fn()`` on the runner thread between two steps (model use outside the scheduler,
+  e.g. the playground's distribution), returning a ``concurrent.futures.Future``.
+
+The loop steps while there is work and sleeps on a condition variable otherwise. If a step raises (a
+bug), every request in flight is finished with ``finish_reason="error"`` and the scheduler is emptied,
+so the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from ..decoding.scheduler import Request, TokenEvent
+
+log = logging.getLogger("logitlab.server")
+
+Sink = Callable[[TokenEvent, "dict | None"], None]
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Runner:
+    def __init__(self, engine, max_queue: int = 256, metrics=None):
+        self.engine = engine
+        self.scheduler = engine.scheduler
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._cv = threading.Condition()
+        self._inbox: list[tuple[list[Request], Sink]] = []
+        self._inbox_count = 0
+        self._aborts: list[Request] = []
+        self._calls: list[tuple[Callable, concurrent.futures.Future]] = []
+        self._sinks: dict[int, Sink] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="logitlab-runner", daemon=True)
+        self.steps = 0
+        self.step_seconds = 0.0
+        self.crashes = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> Runner:
+        if not self._thread.is_alive():
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    # ---- thread-safe API ---------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        """Requests submitted but not yet running (an approximate, lock-free read)."""
+        return self._inbox_count + len(self.scheduler.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.scheduler.running)
+
+    def submit(self, requests: list[Request], sink: Sink) -> None:
+        with self._cv:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if self.queued + len(requests) > self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            self._inbox.append((requests, sink))
+            self._inbox_count += len(requests)
+            self._cv.notify()
+
+    def abort(self, requests: list[Request]) -> None:
+        with self._cv:
+            self._aborts.extend(r for r in requests if not r.finished)
+            self._cv.notify()
+
+    def call(self, fn: Callable) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._stopping:
+                fut.set_exception(RuntimeError("the server is shutting down"))
+                return fut
+            self._calls.append((fn, fut))
+            self._cv.notify()
+        return fut
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        sched = self.scheduler
+        while True:
+            with self._cv:
+                while not (self._stopping or self._inbox or self._aborts or self._calls or sched.has_work()):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+                calls, self._calls = self._calls, []
+            for fn, fut in calls:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller
+                        fut.set_exception(e)
+            for requests, sink in inbox:
+                for r in requests:
+                    self._sinks[r.id] = sink
+                sched.add(requests)
+                with self._cv:
+                    self._inbox_count -= len(requests)
+            for r in aborts:
+                if r.id in self._sinks and not r.finished:
+                    sched.abort(r)
+            if not sched.has_work():
+                continue
+            t0 = time.perf_counter()
+            try:
+                events = sched.step()
+            except Exception as e:  # a bug: fail what is in flight, keep serving
+                log.exception("scheduler step failed; failing the requests in flight")
+                self.crashes += 1
+                events = self._fail_all(e)
+            self.steps += 1
+            self.step_seconds += time.perf_counter() - t0
+            self._dispatch(events)
+        self._drain_on_stop()
+
+    def _dispatch(self, events: list[TokenEvent]) -> None:
+        for ev in events:
+            r = ev.request
+            sink = self._sinks.get(r.id)
+            if ev.finish_reason is not None:
+                self._sinks.pop(r.id, None)
+            if sink is None:
+                continue
+            trace = None
+            if ev.token_id is not None and r.params.explain and r.trace:
+                trace = r.trace[-1]
+            try:
+                sink(ev, trace)
+            except Exception:  # e.g. the event loop is gone: nobody is listening any more
+                log.debug("dropping an event for request %s", r.id, exc_info=True)
+                if ev.finish_reason is None:
+                    self.scheduler.abort(r)
+
+    def _fail_all(self, exc: Exception) -> list[TokenEvent]:
+        sched = self.scheduler
+        events = []
+        for r in list(sched.running) + list(sched.waiting):
+            if not r.finished:
+                r.finish_reason = "error"
+                r.error = f"internal error: {type(exc).__name__}: {exc}"
+                events.append(TokenEvent(r, None, "", finish_reason="error"))
+        sched.running.clear()
+        sched.waiting.clear()
+        for name in ("_state",):
+            state = getattr(sched, name, None)
+            if isinstance(state, dict):
+                state.clear()
+        if hasattr(sched, "_batch_key"):
+            sched._batch_key = None
+        return events
+
+    def _drain_on_stop(self) -> None:
+        with self._cv:
+            inbox, self._inbox = self._inbox, []
+            calls, self._calls = self._calls, []
+        for _fn, fut in calls:
+            fut.cancel()
+        for requests, sink in inbox:
+            for r in requests:
+                self._sinks[r.id] = sink
+            self.scheduler.add(requests)
+        self._dispatch(self._fail_all(RuntimeError("the server is shutting down")))

@@ -1,0 +1,151 @@
+"""Request bodies of the HTTP API (pydantic, strict, unknown fields forbidden).
+
+Only *types* are checked here; ranges and cross-field rules are checked in one place, by
+``SamplingParams.validate`` (through ``Engine.make_requests``), so the HTTP API, the CLI and the Python API
+accept exactly the same values. Every field named like a ``SamplingParams`` field is passed through
+unchanged; OpenAI's names that differ (``logprobs``/``top_logprobs`` in chat, ``max_completion_tokens``)
+are mapped in ``app.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+TokenIds = list[int]
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool | None = None
+
+
+class _Sampling(BaseModel):
+    """The fields both completion endpoints share: OpenAI's, then logitlab's extensions (the names of
+    the core engine's ``SamplingParams``)."""
+
+    model_config = _STRICT
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    epsilon: float | None = None
+    eta: float | None = None
+    repetition_penalty: float | None = None
+    temperature_frequency_penalty: float | None = None
+    temperature_presence_penalty: float | None = None
+    penalize_prompt: bool | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    allowed_token_ids: list[int] | None = None
+    banned_token_ids: list[int] | None = None
+    logprobs_mode: Literal["raw", "processed"] | None = None
+    explain: bool | None = None
+
+
+# Fields passed to SamplingParams under the same name (when the client sets them).
+PASS_THROUGH = (
+    "max_tokens", "temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "seed",
+    "top_k", "min_p", "typical_p", "epsilon", "eta", "repetition_penalty", "temperature_frequency_penalty",
+    "temperature_presence_penalty", "penalize_prompt", "min_tokens", "stop_token_ids", "ignore_eos",
+    "allowed_token_ids", "banned_token_ids", "logprobs_mode", "explain",
+)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    logprobs: int | None = None
+    echo: bool | None = None
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_dict(self) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(p.text for p in content)
+        # "developer" is the newer name of "system" in OpenAI's API
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = _STRICT
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _STRICT
+    model: str | None = None
+    tokens: TokenIds
+
+
+class DistributionRequest(BaseModel):
+    """The next-token distribution after ``prompt`` (+ ``generated``, which the penalties count as
+    output), before and after the knobs: for the playground's chart."""
+
+    model_config = _STRICT
+    model: str | None = None
+    prompt: str | TokenIds
+    generated: TokenIds = []
+    top: int = Field(default=50, ge=1, le=200)
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    epsilon: float | None = None
+    eta: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    temperature_frequency_penalty: float | None = None
+    temperature_presence_penalty: float | None = None
+    penalize_prompt: bool | None = None
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    banned_token_ids: list[int] | None = None
+
+
+DIST_PASS_THROUGH = (
+    "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "temperature_frequency_penalty",
+    "temperature_presence_penalty", "penalize_prompt", "allowed_token_ids", "banned_token_ids",
+)
