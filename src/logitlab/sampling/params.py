@@ -1,8 +1,35 @@
 """SamplingParams: everything a user can set about decoding, validated in ONE place.
 
-Every front end (Python API, CLI, HTTP server) builds a SamplingParams and calls ``validate``; an
-invalid value raises ``ParamError(field, reason)`` whose message names the field and the allowed
-range, e.g. ``top_p: must be in (0, 1], got 1.5``.
+Every front end (Python API, CLI, HTTP server) builds a SamplingParams and calls ``validate``; an invalid
+value raises ``ParamError(field, reason)`` whose message names the field and the allowed range, e.g.
+``top_p: must be in (0, 1], got 1.5``. The sampler itself assumes validated parameters.
+
+Ranges (and the choices behind the ones no standard fixes):
+
+=============================  =====================  ===============================================
+field                          allowed                note
+=============================  =====================  ===============================================
+max_tokens                     int >= 1               and prompt_len + max_tokens <= context_length
+temperature                    float >= 0             0 = greedy (argmax of the processed logits)
+top_k                          int >= 0               0 = off; k >= vocab keeps everything
+top_p, typical_p               (0, 1]                 1 = off
+min_p                          [0, 1]                 0 = off
+epsilon, eta                   [0, 1)                 0 = off
+frequency/presence_penalty     [-2, 2]                OpenAI's range
+repetition_penalty             (0, 10]                1 = off; > 10 only ever zeroes a token's chance,
+                                                      which banned_token_ids says explicitly
+temperature_*_penalty          [0, 10]                0 = off; k_i = 1 + f*count + p*[count>0]
+logit_bias                     {id: [-100, 100]}      OpenAI's range
+allowed/banned/stop_token_ids  ids in [0, vocab)      allowed minus banned must be non-empty
+min_tokens                     [0, max_tokens]        needs a non-EOS token to be allowed
+stop                           <= 16 non-empty str
+n                              [1, 128]
+logprobs                       None or [0, 20]        number of top alternatives per token
+logprobs_mode                  "raw" | "processed"
+seed                           None or 64-bit int     used modulo 2^63; None = a random seed
+=============================  =====================  ===============================================
+
+Booleans are not integers here (``top_k=True`` is rejected) and NaN / inf are rejected everywhere.
 """
 
 from __future__ import annotations
@@ -14,9 +41,14 @@ from dataclasses import dataclass, field
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 MAX_N = 128
+MAX_REPETITION_PENALTY = 10.0
+MAX_TEMPERATURE_PENALTY = 10.0
+MAX_LOGIT_BIAS = 100.0
 
 
 class ParamError(ValueError):
+    """An invalid sampling parameter: ``str(e) == f"{field}: {reason}"``."""
+
     def __init__(self, field: str, reason: str):
         super().__init__(f"{field}: {reason}")
         self.field, self.reason = field, reason
@@ -32,12 +64,12 @@ class SamplingParams:
     typical_p: float = 1.0
     epsilon: float = 0.0
     eta: float = 0.0
-    frequency_penalty: float = 0.0  # OpenAI, additive
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0  # CTRL / HF, multiplicative
+    frequency_penalty: float = 0.0  # OpenAI, additive: l -= f * count
+    presence_penalty: float = 0.0  # OpenAI, additive: l -= p * [count > 0]
+    repetition_penalty: float = 1.0  # CTRL / HF, multiplicative, prompt and output tokens
     temperature_frequency_penalty: float = 0.0  # seed 000: per-token temperature
     temperature_presence_penalty: float = 0.0
-    penalize_prompt: bool = False
+    penalize_prompt: bool = False  # frequency/presence and temperature penalties count prompt tokens too
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     banned_token_ids: list[int] | None = None
@@ -54,17 +86,22 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplingParams:
+        """Build from a plain dict (JSON body, config file); unknown keys raise ParamError naming the key.
+        Call ``validate`` afterwards (it needs the vocabulary size)."""
+        if not isinstance(d, dict):
+            raise ParamError("params", f"must be a mapping of names to values, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         for key in d:
             if key not in names:
-                raise ParamError(key, "unknown sampling parameter")
+                raise ParamError(str(key), "unknown sampling parameter")
         return cls(**d)
 
     def validate(self, vocab_size: int, context_length: int | None = None, prompt_len: int | None = None,
                  eos_token_ids=()) -> SamplingParams:
+        """Check every field; raise ParamError naming the first bad one. Returns self."""
         _int(self, "max_tokens", lo=1)
-        _num(self, "temperature", lo=0.0, text="must be >= 0")
-        _int(self, "top_k", lo=0, text="must be >= 0 (0 = off)")
+        _num(self, "temperature", lo=0.0, text="must be >= 0 (0 = greedy)")
+        _int(self, "top_k", lo=0, text="must be an integer >= 0 (0 = off)")
         _num(self, "top_p", lo=0.0, hi=1.0, lo_open=True, text="must be in (0, 1]")
         _num(self, "min_p", lo=0.0, hi=1.0, text="must be in [0, 1]")
         _num(self, "typical_p", lo=0.0, hi=1.0, lo_open=True, text="must be in (0, 1]")
@@ -72,24 +109,33 @@ class SamplingParams:
         _num(self, "eta", lo=0.0, hi=1.0, hi_open=True, text="must be in [0, 1)")
         _num(self, "frequency_penalty", lo=-2.0, hi=2.0, text="must be in [-2, 2]")
         _num(self, "presence_penalty", lo=-2.0, hi=2.0, text="must be in [-2, 2]")
-        _num(self, "repetition_penalty", lo=0.0, hi=10.0, lo_open=True, text="must be in (0, 10]")
-        _num(self, "temperature_frequency_penalty", lo=0.0, hi=10.0, text="must be in [0, 10]")
-        _num(self, "temperature_presence_penalty", lo=0.0, hi=10.0, text="must be in [0, 10]")
-        _int(self, "n", lo=1, hi=MAX_N)
-        _int(self, "min_tokens", lo=0, hi=self.max_tokens, text=f"must be in [0, max_tokens={self.max_tokens}]")
+        _num(self, "repetition_penalty", lo=0.0, hi=MAX_REPETITION_PENALTY, lo_open=True,
+             text=f"must be in (0, {MAX_REPETITION_PENALTY:g}] (1 = off)")
+        for name in ("temperature_frequency_penalty", "temperature_presence_penalty"):
+            _num(self, name, lo=0.0, hi=MAX_TEMPERATURE_PENALTY,
+                 text=f"must be in [0, {MAX_TEMPERATURE_PENALTY:g}] (0 = off)")
         for name in ("penalize_prompt", "ignore_eos", "echo", "explain"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamError(name, f"must be true or false, got {getattr(self, name)!r}")
+        _int(self, "n", lo=1, hi=MAX_N)
+        _int(self, "min_tokens", lo=0, hi=self.max_tokens,
+             text=f"must be an integer in [0, max_tokens={self.max_tokens}]")
         if self.logprobs is not None:
-            _int(self, "logprobs", lo=0, hi=MAX_LOGPROBS)
-        if self.logprobs_mode not in ("raw", "processed"):
+            _int(self, "logprobs", lo=0, hi=MAX_LOGPROBS,
+                 text=f"must be null (off) or an integer in [0, {MAX_LOGPROBS}]")
+        if not isinstance(self.logprobs_mode, str) or self.logprobs_mode not in ("raw", "processed"):
             raise ParamError("logprobs_mode", f"must be 'raw' or 'processed', got {self.logprobs_mode!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
-            raise ParamError("seed", f"must be a 64-bit integer, got {self.seed!r}")
-        if not isinstance(self.stop, list | tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ParamError("stop", "must be a list of non-empty strings")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise ParamError("seed", f"must be null or a 64-bit integer, got {self.seed!r}")
+
+        if not isinstance(self.stop, list | tuple):
+            raise ParamError("stop", f"must be a list of strings, got {type(self.stop).__name__}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ParamError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ParamError("stop", f"stop strings must be non-empty strings, got {s!r}")
+
         _ids(self.stop_token_ids, "stop_token_ids", vocab_size)
         if self.allowed_token_ids is not None:
             _ids(self.allowed_token_ids, "allowed_token_ids", vocab_size)
@@ -100,18 +146,36 @@ class SamplingParams:
                 raise ParamError("logit_bias", "must map token ids to biases")
             _ids(list(self.logit_bias), "logit_bias", vocab_size)
             for tok, b in self.logit_bias.items():
-                if not _is_num(b) or not -100 <= b <= 100:
-                    raise ParamError("logit_bias", f"bias for token {tok} must be in [-100, 100], got {b!r}")
-        allowed = set(range(vocab_size)) if self.allowed_token_ids is None else set(self.allowed_token_ids)
-        allowed -= set(self.banned_token_ids or ())
-        if not allowed:
-            raise ParamError("allowed_token_ids", "no token is left once banned_token_ids are removed")
-        if self.min_tokens > 0 and allowed <= set(eos_token_ids):
-            raise ParamError("min_tokens", "only end-of-sequence tokens are allowed, so min_tokens cannot be met")
-        if context_length is not None and prompt_len is not None and prompt_len + self.max_tokens > context_length:
-            raise ParamError("max_tokens", f"prompt ({prompt_len} tokens) + max_tokens ({self.max_tokens}) = "
-                             f"{prompt_len + self.max_tokens} exceeds the context length {context_length}")
+                if not _is_num(b) or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS:
+                    raise ParamError("logit_bias", f"bias for token {tok} must be in [-{MAX_LOGIT_BIAS:g}, "
+                                     f"{MAX_LOGIT_BIAS:g}], got {b!r}")
+        self._check_some_token_left(vocab_size, eos_token_ids)
+
+        if context_length is not None and prompt_len is not None:
+            total = prompt_len + self.max_tokens
+            if total > context_length:
+                raise ParamError("max_tokens", f"prompt ({prompt_len} tokens) + max_tokens "
+                                 f"({self.max_tokens}) = {total} exceeds the context length "
+                                 f"({context_length} tokens)")
         return self
+
+    def _check_some_token_left(self, vocab_size: int, eos_token_ids) -> None:
+        """allowed minus banned must be non-empty, and hold a non-EOS token when min_tokens > 0."""
+        banned = set(self.banned_token_ids or ())
+        eos = set(eos_token_ids)
+        if self.allowed_token_ids is None:
+            left_count = vocab_size - len(banned)
+            if left_count <= 0:
+                raise ParamError("banned_token_ids", "bans every token of the vocabulary")
+            only_eos = left_count <= len(eos) and (set(range(vocab_size)) - banned) <= eos
+        else:
+            left = set(self.allowed_token_ids) - banned
+            if not left:
+                raise ParamError("allowed_token_ids", "no token is left once banned_token_ids are removed")
+            only_eos = left <= eos
+        if self.min_tokens > 0 and only_eos:
+            raise ParamError("min_tokens", f"must be 0 when only end-of-sequence tokens are allowed, got "
+                             f"{self.min_tokens}")
 
 
 def _is_int(v) -> bool:
@@ -119,7 +183,7 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _int(p, name, lo=None, hi=None, text=None):
@@ -140,8 +204,8 @@ def _num(p, name, lo, hi=None, lo_open=False, hi_open=False, text=""):
 
 
 def _ids(ids, name, vocab_size):
-    if not isinstance(ids, list | tuple | set | dict):
-        raise ParamError(name, "must be a list of token ids")
+    if not isinstance(ids, list | tuple | set | frozenset | dict):
+        raise ParamError(name, f"must be a list of token ids, got {type(ids).__name__}")
     for t in ids:
         if not _is_int(t) or not 0 <= t < vocab_size:
             raise ParamError(name, f"token ids must be integers in [0, {vocab_size}), got {t!r}")

@@ -1,9 +1,22 @@
 """One small pure function per logits processor.
 
-Each takes logits ``[B, V]`` (float32) and per-row parameters ``[B]``, and returns a NEW tensor; rows
-whose knob is off pass through unchanged. Truncation processors set removed entries to ``-inf`` and
-always keep at least one token. Each truncation sees the distribution renormalised after the previous
-steps (as Hugging Face's warpers and vLLM's sampler do).
+Conventions shared by every function here:
+
+* ``logits`` is a ``[B, V]`` float32 tensor; the per-row parameters are ``[B]`` tensors (one value per
+  row, so rows with different settings share one call). A row whose knob is "off" passes through
+  unchanged, bit for bit.
+* The input is never modified: every function returns a NEW tensor (or the input itself when no row
+  uses the knob).
+* Truncation processors remove tokens by setting them to ``-inf``; they always keep at least one token
+  of a row that had one. Each one looks at the distribution the previous steps left, renormalised
+  (``p = softmax(l)``), as Hugging Face's warpers and vLLM's sampler do.
+* ``+inf`` and NaN are resolved by the pipeline before these run (see ``sampler.py``); ``-inf`` is an
+  ordinary "removed" entry everywhere.
+
+Ties (equal probabilities) are resolved so that the result never depends on how a sort orders equal
+values: top-k keeps exactly k tokens, the lower token ids first among equals; top-p, typical, min-p,
+epsilon and eta keep every token tied with the last one kept (so they may keep more than the minimal
+set, never fewer), which is also what Hugging Face's typical / epsilon / eta warpers do.
 """
 
 from __future__ import annotations
@@ -12,13 +25,44 @@ import torch
 
 NEG_INF = float("-inf")
 
+# A full sort of a 49k vocabulary costs ~30x a bounded topk(50) (PERF_NOTES); when at most this many
+# tokens of the rows concerned are still finite (e.g. after top-k), their topk is used instead.
+TOPK_INSTEAD_OF_SORT = 4096
 
-def _rows(active: torch.Tensor) -> torch.Tensor:
-    return active.unsqueeze(-1)
+
+def _col(v: torch.Tensor) -> torch.Tensor:
+    return v.unsqueeze(-1)
 
 
-def mask_tokens(logits, allowed: torch.Tensor | None, banned: torch.Tensor | None):
-    """l_i = -inf where token i is not allowed or is banned ([B, V] boolean masks)."""
+def _truncate(logits: torch.Tensor, active: torch.Tensor, keep_fn, *params: torch.Tensor) -> torch.Tensor:
+    """Run ``keep_fn(rows_logits, *rows_params) -> keep mask`` on the active rows only and set the other
+    entries of those rows to -inf. Inactive rows are not even looked at (no sort is spent on them)."""
+    if not bool(active.any()):
+        return logits
+    if bool(active.all()):
+        return logits.masked_fill(~keep_fn(logits, *params), NEG_INF)
+    rows = active.nonzero().squeeze(-1)
+    keep_rows = keep_fn(logits.index_select(0, rows), *(p.index_select(0, rows) for p in params))
+    remove = torch.zeros_like(logits, dtype=torch.bool)
+    remove[rows] = ~keep_rows
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """[x0, x1, x2, ...] -> [0, x0, x0 + x1, ...] along the last dimension."""
+    return torch.nn.functional.pad(x.cumsum(-1)[..., :-1], (1, 0))
+
+
+def _n_candidates(logits: torch.Tensor) -> int:
+    """Largest number of finite entries in a row: beyond it every sorted entry is -inf / zero mass."""
+    return max(int(torch.isfinite(logits).sum(-1).max()), 1)
+
+
+# ---- masks ---------------------------------------------------------------------------------------
+
+def mask_tokens(logits: torch.Tensor, allowed: torch.Tensor | None, banned: torch.Tensor | None):
+    """l_i = -inf where ``allowed[b, i]`` is False or ``banned[b, i]`` is True ([B, V] boolean masks,
+    None = no constraint)."""
     out = logits
     if allowed is not None:
         out = out.masked_fill(~allowed, NEG_INF)
@@ -27,143 +71,183 @@ def mask_tokens(logits, allowed: torch.Tensor | None, banned: torch.Tensor | Non
     return out
 
 
-def mask_eos_before_min_tokens(logits, eos_ids: torch.Tensor, num_generated, min_tokens):
-    """End-of-sequence ids get -inf in rows that have generated fewer than ``min_tokens`` tokens."""
+def mask_eos(logits: torch.Tensor, eos_mask: torch.Tensor, num_generated: torch.Tensor,
+             min_tokens: torch.Tensor):
+    """min_tokens: l_eos = -inf in rows with ``num_generated < min_tokens`` (``eos_mask`` [V] boolean)."""
     active = num_generated < min_tokens
-    if not bool(active.any()) or eos_ids.numel() == 0:
+    if not bool(active.any()) or not bool(eos_mask.any()):
         return logits
-    out = logits.clone()
-    cols = out[:, eos_ids]
-    out[:, eos_ids] = torch.where(_rows(active), torch.full_like(cols, NEG_INF), cols)
-    return out
+    return logits.masked_fill(_col(active) & eos_mask.unsqueeze(0), NEG_INF)
 
 
-def logit_bias(logits, bias: torch.Tensor):
-    """l_i += bias_i (bias [B, V], zero where unset)."""
+# ---- additive / multiplicative adjustments ------------------------------------------------------
+
+def logit_bias(logits: torch.Tensor, bias: torch.Tensor):
+    """l_i += bias[b, i] (dense [B, V] bias, zero where unset: those entries are unchanged)."""
     return logits + bias
 
 
-def repetition_penalty(logits, seen: torch.Tensor, penalty):
-    """CTRL/HF: for tokens already seen, l > 0 -> l / r, l <= 0 -> l * r (r > 1 discourages them)."""
-    r = _rows(penalty)
+def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor):
+    """CTRL (Keskar et al. 2019) as in Hugging Face / vLLM: for every token seen before (``seen`` [B, V]),
+    l_i -> l_i / r if l_i > 0 else l_i * r. With r > 1 the token always becomes less likely."""
+    r = _col(penalty)
     penalised = torch.where(logits > 0, logits / r, logits * r)
-    return torch.where(seen & _rows(penalty != 1.0), penalised, logits)
+    return torch.where(seen & _col(penalty != 1.0), penalised, logits)
 
 
-def frequency_presence_penalty(logits, counts: torch.Tensor, frequency, presence):
-    """OpenAI: l_i -= f * count_i + p * [count_i > 0]."""
+def frequency_presence_penalty(logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor,
+                               presence: torch.Tensor):
+    """OpenAI: l_i -> l_i - f * count_i - p * [count_i > 0] (``counts`` [B, V] integers)."""
     c = counts.to(logits.dtype)
-    return logits - _rows(frequency) * c - _rows(presence) * (c > 0).to(logits.dtype)
+    return logits - _col(frequency) * c - _col(presence) * (c > 0).to(logits.dtype)
 
 
-def temperature_penalty(logits, counts: torch.Tensor, frequency, presence):
-    """Seed 000: a per-token temperature k_i = 1 + f * count_i + p * [count_i > 0], applied as l_i / k_i.
-    Dividing only pushes a logit towards 0, which penalises only if logits are positive, so each row is
-    first shifted so that its smallest finite logit is 0 (a shift leaves the softmax unchanged)."""
+def temperature_penalty(logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor,
+                        presence: torch.Tensor):
+    """Seed 000 (frequency/presence penalties as a per-token temperature):
+
+        k_i = 1 + f * count_i + p * [count_i > 0]        l_i -> (l_i - min_j l_j) / k_i
+
+    Dividing pushes a logit towards 0, which penalises only non-negative logits, so each active row is
+    first shifted so that its smallest finite logit is 0 (a shift alone leaves softmax unchanged).
+    ``-inf`` entries stay ``-inf``. Rows with f = p = 0 pass through unchanged."""
     active = (frequency != 0) | (presence != 0)
+    if not bool(active.any()):
+        return logits
     c = counts.to(logits.dtype)
-    k = 1.0 + _rows(frequency) * c + _rows(presence) * (c > 0).to(logits.dtype)
+    k = 1.0 + _col(frequency) * c + _col(presence) * (c > 0).to(logits.dtype)
     finite = torch.isfinite(logits)
     row_min = torch.where(finite, logits, torch.full_like(logits, float("inf"))).amin(-1, keepdim=True)
-    shifted = (logits - row_min.clamp(max=torch.finfo(logits.dtype).max)) / k
-    return torch.where(_rows(active) & finite, shifted, logits)
+    row_min = torch.where(torch.isfinite(row_min), row_min, torch.zeros_like(row_min))
+    shifted = (logits - row_min) / k
+    return torch.where(_col(active) & finite, shifted, logits)
 
 
-def temperature(logits, t):
-    """l / T for rows with T > 0 (T = 0 rows are greedy and handled by the sampler)."""
-    safe = torch.where(t > 0, t, torch.ones_like(t))
-    return logits / _rows(safe)
+def temperature(logits: torch.Tensor, t: torch.Tensor):
+    """q = softmax(l / T). Computed as (l - max_j l_j) / T, the same distribution, so that a tiny T
+    cannot overflow to +inf (every entry is <= 0 and the maximum is exactly 0). Rows with T = 0 (greedy,
+    see ``greedy``) and T = 1 pass through unchanged."""
+    active = (t > 0) & (t != 1)
+    if not bool(active.any()):
+        return logits
+    row_max = logits.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    safe_t = torch.where(active, t, torch.ones_like(t))
+    return torch.where(_col(active), (logits - row_max) / _col(safe_t), logits)
 
 
-def top_k(logits, k):
-    """Keep the k largest logits (k = 0: off; k >= V keeps all). Like Hugging Face, tokens tied with
-    the k-th value are kept too, so the result never depends on how a sort breaks ties."""
+def greedy(logits: torch.Tensor):
+    """Temperature 0: log-probabilities one-hot at argmax_i l_i (0 there, -inf elsewhere). Among equal
+    maxima the lowest token id wins (torch.argmax returns the first maximal index)."""
+    return torch.full_like(logits, NEG_INF).scatter(-1, logits.argmax(-1, keepdim=True), 0.0)
+
+
+# ---- truncation ---------------------------------------------------------------------------------
+
+def top_k(logits: torch.Tensor, k: torch.Tensor):
+    """Keep the k largest logits of each row (k = 0: off; k >= V keeps everything).
+
+    Exactly k tokens stay even when several are tied with the k-th largest value: the tied ones with the
+    lowest token ids are kept. (torch.topk does not document how it orders ties, so the choice is made
+    explicitly: all tokens strictly above the k-th value, then tied ones in index order.) Uses one
+    torch.topk with the batch's largest k; no sort."""
     V = logits.shape[-1]
     active = (k > 0) & (k < V)
     if not bool(active.any()):
         return logits
     kmax = int(k[active].max())
     vals = logits.topk(kmax, dim=-1).values  # [B, kmax], descending
-    idx = (k.clamp(1, kmax) - 1).unsqueeze(-1)
-    kth = vals.gather(-1, idx)
-    return torch.where(_rows(active) & (logits < kth), NEG_INF, logits)
+    kth = vals.gather(-1, _col(k.clamp(1, kmax) - 1))  # [B, 1]
+    keep = logits >= kth
+    n_keep = keep.sum(-1)
+    if bool((active & (n_keep > k)).any()):  # ties at the boundary: keep them in index order
+        above = logits > kth
+        tied = keep & ~above
+        room = _col(k - above.sum(-1))
+        keep = above | (tied & (tied.cumsum(-1) <= room))
+    return logits.masked_fill(_col(active) & ~keep, NEG_INF)
 
 
-def _sorted_probs(logits):
+def top_p(logits: torch.Tensor, p: torch.Tensor):
+    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most probable tokens whose mass
+    reaches p, INCLUDING the token that crosses p. With p_(1) >= p_(2) >= ... the sorted probabilities,
+    the crossing rank is c = min{j : p_(1) + ... + p_(j) >= p}, and token i is kept iff p_i >= p_(c)
+    (tokens tied with the crossing one are kept too). p = 1: off. Only rows with p < 1 are sorted, and
+    with a bounded topk when few tokens are left (e.g. after top-k)."""
+    return _truncate(logits, p < 1.0, _top_p_keep, p)
+
+
+def _top_p_keep(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(logits, dim=-1)
-    sp, order = probs.sort(dim=-1, descending=True, stable=True)
-    return probs, sp, order
+    n = _n_candidates(logits)
+    if n <= TOPK_INSTEAD_OF_SORT:
+        sp = probs.topk(n, dim=-1).values
+    else:
+        sp = probs.sort(dim=-1, descending=True).values
+    before = _exclusive_cumsum(sp.double())  # mass strictly before each sorted position
+    c = (before < _col(p.double())).sum(-1, keepdim=True) - 1  # crossing rank (0-based), >= 0
+    return (probs >= sp.gather(-1, c)) & torch.isfinite(logits)
 
 
-def top_p(logits, p):
-    """Nucleus: keep the smallest set of most probable tokens whose mass reaches p, including the
-    token that crosses p (a token is removed when the mass strictly before it is already >= p)."""
-    active = p < 1.0
-    if not bool(active.any()):
-        return logits
-    _, sp, order = _sorted_probs(logits)
-    before = sp.double().cumsum(-1) - sp.double()
-    remove_sorted = before >= _rows(p).double()
-    remove_sorted[:, 0] = False
-    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-    return torch.where(_rows(active) & remove, NEG_INF, logits)
-
-
-def min_p(logits, m):
-    """Keep tokens with p_i >= m * max_j p_j."""
+def min_p(logits: torch.Tensor, m: torch.Tensor):
+    """Min-p (Nguyen et al. 2024): keep p_i >= m * max_j p_j, i.e. l_i - max_j l_j >= log m (no softmax
+    or sort needed). m = 0: off; m = 1 keeps the tokens tied at the maximum."""
     active = m > 0
     if not bool(active.any()):
         return logits
-    probs = torch.softmax(logits, dim=-1)
-    thresh = _rows(m) * probs.amax(-1, keepdim=True)
-    return torch.where(_rows(active) & (probs < thresh), NEG_INF, logits)
+    safe = torch.where(active, m, torch.ones_like(m)).double()
+    thresh = logits.amax(-1, keepdim=True).double() + _col(safe.log())
+    return logits.masked_fill(_col(active) & (logits.double() < thresh), NEG_INF)
 
 
-def _entropy(logits):
-    logp = torch.log_softmax(logits, dim=-1)
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    """H = -sum_i p_i log p_i over a row of log-probabilities ([B, 1]; 0 log 0 = 0)."""
     p = logp.exp()
-    return logp, -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1, keepdim=True)
+    return -torch.where(p > 0, p * logp, torch.zeros_like(logp)).sum(-1, keepdim=True)
 
 
-def typical(logits, mass):
-    """Locally typical sampling (Meister et al. 2022): order tokens by |-log p_i - H| and keep the
-    closest ones until their mass reaches ``mass`` (including the crossing one)."""
-    active = mass < 1.0
-    if not bool(active.any()):
-        return logits
-    logp, ent = _entropy(logits)
-    dev = torch.where(torch.isfinite(logp), (-logp - ent).abs(), torch.full_like(logp, float("inf")))
-    order = dev.argsort(dim=-1, stable=True)
-    sp = logp.exp().gather(-1, order).double()
-    before = sp.cumsum(-1) - sp
-    remove_sorted = before >= _rows(mass).double()
-    remove_sorted[:, 0] = False
-    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-    return torch.where(_rows(active) & remove, NEG_INF, logits)
+def typical(logits: torch.Tensor, mass: torch.Tensor):
+    """Locally typical sampling (Meister et al. 2023), as Hugging Face's TypicalLogitsWarper: with
+    H = -sum p log p and d_i = |-log p_i - H|, order tokens by increasing d_i and keep them until their
+    cumulative mass reaches ``mass``, including the crossing token; every token whose d_i is <= the
+    crossing token's stays. mass = 1: off."""
+    return _truncate(logits, mass < 1.0, _typical_keep, mass)
 
 
-def _keep_argmax(logits, remove):
-    top = logits.argmax(-1, keepdim=True)
-    return remove.scatter(-1, top, False)
+def _typical_keep(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits, dim=-1)
+    ent = _entropy(logp)
+    finite = torch.isfinite(logp)
+    dev = torch.where(finite, (-logp - ent).abs(), torch.full_like(logp, float("inf")))
+    n = _n_candidates(logits)
+    if n <= TOPK_INSTEAD_OF_SORT:
+        sd, order = dev.topk(n, dim=-1, largest=False)
+    else:
+        sd, order = dev.sort(dim=-1)
+    before = _exclusive_cumsum(logp.exp().gather(-1, order).double())
+    c = (before < _col(mass.double())).sum(-1, keepdim=True) - 1
+    return (dev <= sd.gather(-1, c)) & finite
 
 
-def epsilon(logits, eps):
-    """Epsilon sampling (Hewitt et al. 2022): remove tokens with p_i < eps; the most probable stays."""
+def epsilon(logits: torch.Tensor, eps: torch.Tensor):
+    """Epsilon sampling (Hewitt et al. 2022): keep p_i >= eps; the most probable token(s) always stay.
+    eps = 0: off."""
     active = eps > 0
     if not bool(active.any()):
         return logits
     probs = torch.softmax(logits, dim=-1)
-    remove = _keep_argmax(logits, probs < _rows(eps))
-    return torch.where(_rows(active) & remove, NEG_INF, logits)
+    remove = (probs < _col(eps)) & (logits < logits.amax(-1, keepdim=True))
+    return logits.masked_fill(_col(active) & remove, NEG_INF)
 
 
-def eta(logits, eta_):
-    """Eta sampling (Hewitt et al. 2022): remove p_i < min(eta, sqrt(eta) * exp(-H)); argmax stays."""
+def eta(logits: torch.Tensor, eta_: torch.Tensor):
+    """Eta sampling (Hewitt et al. 2022): keep p_i >= min(eta, sqrt(eta) * exp(-H)) with H the entropy of
+    the current distribution; the most probable token(s) always stay. eta = 0: off."""
     active = eta_ > 0
     if not bool(active.any()):
         return logits
-    logp, ent = _entropy(logits)
-    e = _rows(eta_)
-    thresh = torch.minimum(e, e.sqrt() * torch.exp(-ent))
-    remove = _keep_argmax(logits, logp.exp() < thresh)
-    return torch.where(_rows(active) & remove, NEG_INF, logits)
+    logp = torch.log_softmax(logits, dim=-1)
+    e = _col(eta_)
+    thresh = torch.minimum(e, e.sqrt() * torch.exp(-_entropy(logp)))
+    remove = (logp.exp() < thresh) & (logits < logits.amax(-1, keepdim=True))
+    return logits.masked_fill(_col(active) & remove, NEG_INF)

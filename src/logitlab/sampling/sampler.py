@@ -1,16 +1,30 @@
-"""The one sampling pipeline. Every decoding path (CLI, API, server, beam, speculative) calls it.
+"""The one sampling pipeline. Every decoding path (CLI, API, server, beam, speculative) goes through it.
 
-Order, per step, for all rows at once (each row with its own parameters):
+Fixed order, per step, for all rows at once (each row with its own parameters, as ``[B]`` tensors):
 
-    1. allowed / banned tokens, end-of-sequence masked until min_tokens   (mask)
-    2. logit bias                                                           (logit_bias)
-    3. penalties: repetition (x), frequency/presence (+), seed-000 temperature penalty   (penalties)
-    4. temperature; T = 0 rows are greedy: argmax of the logits after 1-3   (temperature)
-    5. truncation: top-k -> top-p -> min-p -> typical -> epsilon -> eta
-    6. draw: inverse CDF of the final distribution at a per-request uniform u = hash(seed, step)
+    0. sanitize         NaN -> -inf (raw log-probabilities are taken here)
+    1. mask             allowed / banned token ids; EOS ids while fewer than min_tokens are generated
+    2. logit bias       l += bias
+    3. penalties        repetition (CTRL, x) -> frequency/presence (OpenAI, +) -> temperature penalty
+                        (seed 000, per-token temperature on the shifted logits)
+       (+inf)           a row holding +inf logits keeps only those tokens, equally likely
+       (failed)         a row with no finite logit left is marked ``failed``
+    4. temperature      l / T; T = 0 rows are greedy: one-hot at the argmax of the logits after 1-3
+                        (ties -> lowest id); truncation does not apply to them
+    5. truncation       top-k -> top-p -> min-p -> typical -> epsilon -> eta, each on the distribution
+                        the previous steps left, renormalised
+    6. draw             inverse CDF of the final distribution at a per-request uniform
+                        u = hash(seed, num_generated) (``rng.py``): float64 cumsum + searchsorted
 
-Stages no row uses are skipped. NaN logits count as -inf; a row with +inf logits samples among those
-tokens; a row left with no finite logit is reported in ``failed`` (never NaN, never an invalid id).
+Stages no row needs are skipped entirely (``SamplingBatch.uses``); rows whose knob is off pass through
+a stage unchanged. Nothing loops over rows or the vocabulary in Python, except ``SamplingBatch.build``
+(once per batch composition) and the conversion of the explainer trace to Python at the end. Only top-p
+and typical sort, only the rows that use them, and with a bounded topk instead of a full sort when few
+tokens are left (e.g. after top-k).
+
+Logprobs: ``raw`` = log_softmax of the model's logits (after step 0), ``processed`` = log of the final
+distribution the token was drawn from (greedy rows: 0 for the argmax). Both are returned; each row's
+``logprobs_mode`` picks the one in ``SamplerOutput.logprobs`` / ``top_logprobs``.
 """
 
 from __future__ import annotations
@@ -22,120 +36,155 @@ import torch
 
 from . import processors as P
 from .params import SamplingParams
+from .rng import canonical_seed
 from .rng import uniforms as rng_uniforms
+
+NEG_INF = float("-inf")
+TRUNCATION = ("top_k", "top_p", "min_p", "typical_p", "epsilon", "eta")
+_TRUNCATION_OFF = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon": 0.0, "eta": 0.0}
 
 
 @dataclass
 class SamplingBatch:
-    """Per-row parameters as tensors, built once per batch composition."""
+    """Per-row parameters as tensors, built ONCE per batch composition (``build``).
 
-    temperature: torch.Tensor
-    greedy: torch.Tensor
-    top_k: torch.Tensor
-    top_p: torch.Tensor
+    ``uses`` names the stages at least one row needs; the others are skipped. Greedy rows (T = 0) have
+    their truncation knobs set to "off" here, since truncation cannot change an argmax."""
+
+    temperature: torch.Tensor  # [B] float32 (0 for greedy rows)
+    greedy: torch.Tensor  # [B] bool
+    top_k: torch.Tensor  # [B] long
+    top_p: torch.Tensor  # [B] float64 (thresholds compare in float64)
     min_p: torch.Tensor
     typical_p: torch.Tensor
     epsilon: torch.Tensor
     eta: torch.Tensor
-    repetition_penalty: torch.Tensor
+    repetition_penalty: torch.Tensor  # [B] float32
     frequency_penalty: torch.Tensor
     presence_penalty: torch.Tensor
     temperature_frequency_penalty: torch.Tensor
     temperature_presence_penalty: torch.Tensor
-    penalize_prompt: torch.Tensor
-    min_tokens: torch.Tensor
-    processed_logprobs: torch.Tensor  # row wants logprobs of the processed distribution
-    seeds: torch.Tensor
-    eos_ids: torch.Tensor
-    bias: torch.Tensor | None
-    allowed: torch.Tensor | None
-    banned: torch.Tensor | None
+    penalize_prompt: torch.Tensor  # [B] bool
+    min_tokens: torch.Tensor  # [B] long
+    processed_logprobs: torch.Tensor  # [B] bool: row wants logprobs of the processed distribution
+    seeds: torch.Tensor  # [B] long, 63-bit
+    eos_ids: torch.Tensor  # [E] long
+    eos_mask: torch.Tensor  # [V] bool
+    bias: torch.Tensor | None  # [B, V] float32, only when some row has a logit_bias
+    allowed: torch.Tensor | None  # [B, V] bool, only when some row has allowed_token_ids
+    banned: torch.Tensor | None  # [B, V] bool, only when some row has banned_token_ids
     uses: frozenset  # names of the stages some row needs
+    vocab_size: int = 0
 
     @classmethod
-    def build(cls, params: list[SamplingParams], seeds: list[int], vocab_size: int,
-              eos_token_ids=(), device="cpu") -> SamplingBatch:
+    def build(cls, params: list[SamplingParams], seeds: list[int], vocab_size: int, eos_token_ids=(),
+              device="cpu") -> SamplingBatch:
+        """Tensors for rows ``params[i]`` drawing with ``seeds[i]`` (validated params assumed)."""
+        if len(seeds) != len(params):
+            raise ValueError(f"{len(params)} rows of params but {len(seeds)} seeds")
         B, V = len(params), vocab_size
 
-        def col(name, dtype=torch.float32):
-            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+        def col(values, dtype):
+            return torch.tensor(list(values), dtype=dtype, device=device)
+
+        greedy_rows = [p.temperature == 0 for p in params]
+
+        def knob(name, dtype):  # truncation knob, off for greedy rows
+            return col((_TRUNCATION_OFF[name] if g else getattr(p, name) for p, g in zip(params, greedy_rows,
+                                                                                       strict=True)), dtype)
 
         bias = allowed = banned = None
         if any(p.logit_bias for p in params):
+            rows, ids, vals = _triples((i, int(t), float(v)) for i, p in enumerate(params)
+                                       for t, v in (p.logit_bias or {}).items())
             bias = torch.zeros(B, V, device=device)
-            for i, p in enumerate(params):
-                for tok, b in (p.logit_bias or {}).items():
-                    bias[i, int(tok)] = float(b)
+            bias[rows, ids] = torch.tensor(vals, device=device)
         if any(p.allowed_token_ids is not None for p in params):
+            restricted = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
             allowed = torch.ones(B, V, dtype=torch.bool, device=device)
-            for i, p in enumerate(params):
-                if p.allowed_token_ids is not None:
-                    allowed[i] = False
-                    allowed[i, torch.tensor(list(p.allowed_token_ids), dtype=torch.long)] = True
+            allowed[restricted] = False
+            rows, ids, _ = _triples((i, int(t), 0) for i in restricted for t in params[i].allowed_token_ids)
+            allowed[rows, ids] = True
         if any(p.banned_token_ids for p in params):
             banned = torch.zeros(B, V, dtype=torch.bool, device=device)
-            for i, p in enumerate(params):
-                if p.banned_token_ids:
-                    banned[i, torch.tensor(list(p.banned_token_ids), dtype=torch.long)] = True
+            rows, ids, _ = _triples((i, int(t), 0) for i, p in enumerate(params)
+                                    for t in p.banned_token_ids or ())
+            banned[rows, ids] = True
+        eos = sorted({int(t) for t in eos_token_ids})
+        eos_mask = torch.zeros(V, dtype=torch.bool, device=device)
+        if eos:
+            eos_mask[torch.tensor(eos, dtype=torch.long)] = True
+
         uses = set()
-        if bias is not None:
-            uses.add("logit_bias")
         if allowed is not None or banned is not None:
             uses.add("mask")
-        if any(p.min_tokens > 0 for p in params) and len(eos_token_ids):
+        if eos and any(p.min_tokens > 0 for p in params):
             uses.add("min_tokens")
+        if bias is not None:
+            uses.add("logit_bias")
         if any(p.repetition_penalty != 1.0 for p in params):
             uses.add("repetition_penalty")
         if any(p.frequency_penalty or p.presence_penalty for p in params):
             uses.add("frequency_presence")
         if any(p.temperature_frequency_penalty or p.temperature_presence_penalty for p in params):
             uses.add("temperature_penalty")
-        for name, off in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("typical_p", 1.0),
-                          ("epsilon", 0.0), ("eta", 0.0)):
-            if any(getattr(p, name) != off and p.temperature > 0 for p in params):
+        if any(greedy_rows):
+            uses.add("greedy")
+        if any(p.temperature not in (0, 1) for p in params):
+            uses.add("temperature")
+        active = {"top_k": lambda p: 0 < p.top_k < V}  # top_k >= V keeps everything: off too
+        for name in TRUNCATION:
+            on = active.get(name, lambda p, name=name: getattr(p, name) != _TRUNCATION_OFF[name])
+            if any(on(p) and not g for p, g in zip(params, greedy_rows, strict=True)):
                 uses.add(name)
+
+        f32, f64 = torch.float32, torch.float64
         return cls(
-            temperature=col("temperature"), greedy=col("temperature") == 0, top_k=col("top_k", torch.long),
-            top_p=col("top_p"), min_p=col("min_p"), typical_p=col("typical_p"), epsilon=col("epsilon"),
-            eta=col("eta"), repetition_penalty=col("repetition_penalty"),
-            frequency_penalty=col("frequency_penalty"), presence_penalty=col("presence_penalty"),
-            temperature_frequency_penalty=col("temperature_frequency_penalty"),
-            temperature_presence_penalty=col("temperature_presence_penalty"),
-            penalize_prompt=col("penalize_prompt", torch.bool), min_tokens=col("min_tokens", torch.long),
-            processed_logprobs=torch.tensor([p.logprobs_mode == "processed" for p in params], device=device),
-            seeds=torch.tensor([int(s) & ((1 << 63) - 1) for s in seeds], dtype=torch.long, device=device),
-            eos_ids=torch.tensor(sorted(eos_token_ids), dtype=torch.long, device=device),
-            bias=bias, allowed=allowed, banned=banned, uses=frozenset(uses),
+            temperature=col((p.temperature for p in params), f32),
+            greedy=col(greedy_rows, torch.bool),
+            top_k=knob("top_k", torch.long), top_p=knob("top_p", f64), min_p=knob("min_p", f64),
+            typical_p=knob("typical_p", f64), epsilon=knob("epsilon", f64), eta=knob("eta", f64),
+            repetition_penalty=col((p.repetition_penalty for p in params), f32),
+            frequency_penalty=col((p.frequency_penalty for p in params), f32),
+            presence_penalty=col((p.presence_penalty for p in params), f32),
+            temperature_frequency_penalty=col((p.temperature_frequency_penalty for p in params), f32),
+            temperature_presence_penalty=col((p.temperature_presence_penalty for p in params), f32),
+            penalize_prompt=col((p.penalize_prompt for p in params), torch.bool),
+            min_tokens=col((p.min_tokens for p in params), torch.long),
+            processed_logprobs=col((p.logprobs_mode == "processed" for p in params), torch.bool),
+            seeds=col((canonical_seed(s) for s in seeds), torch.long),
+            eos_ids=col(eos, torch.long), eos_mask=eos_mask,
+            bias=bias, allowed=allowed, banned=banned, uses=frozenset(uses), vocab_size=V,
         )
 
     def __len__(self) -> int:
         return self.temperature.shape[0]
 
 
+def _triples(items) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(row, token, value) triples -> (rows, tokens) index tensors and the values, for one index_put."""
+    rows, ids, vals = [], [], []
+    for r, t, v in items:
+        rows.append(r)
+        ids.append(t)
+        vals.append(v)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(ids, dtype=torch.long), vals
+
+
 @dataclass
 class SamplerOutput:
-    tokens: torch.Tensor  # [B] long
-    logprobs: torch.Tensor  # [B] of the chosen token, in each row's logprobs mode
-    raw_logprobs: torch.Tensor  # [B] model's own log-softmax
+    tokens: torch.Tensor  # [B] long, always a valid id
+    logprobs: torch.Tensor  # [B] float32, of the chosen token, in each row's logprobs mode
+    raw_logprobs: torch.Tensor  # [B] the model's own log-softmax
     processed_logprobs: torch.Tensor  # [B] log of the distribution actually sampled
-    top_ids: torch.Tensor | None  # [B, N] in each row's mode
-    top_logprobs: torch.Tensor | None
-    failed: torch.Tensor  # [B] bool
-    trace: list[list[dict]] | None = None
-
-
-def _sanitize(logits: torch.Tensor) -> torch.Tensor:
-    """NaN -> -inf; a row holding +inf keeps only those tokens (equally likely)."""
-    x = logits.float().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-    posinf = torch.isposinf(x)
-    if bool(posinf.any()):
-        rows = posinf.any(-1, keepdim=True)
-        x = torch.where(rows, torch.where(posinf, 0.0, float("-inf")), x)
-    return x
+    top_ids: torch.Tensor | None  # [B, N] long, in each row's mode (None when num_logprobs = 0)
+    top_logprobs: torch.Tensor | None  # [B, N] float32
+    failed: torch.Tensor  # [B] bool: no token was left (or the logits were all NaN / -inf)
+    trace: list[list[dict]] | None = None  # per row: stage dicts, then the final dict
 
 
 class _Tracer:
-    """Per-stage statistics for the explainer, computed with tensor ops over the batch."""
+    """Per-stage statistics for the explainer, kept as tensors over the batch until the end."""
 
     def __init__(self, enabled: bool):
         self.enabled, self.stages = enabled, []
@@ -148,13 +197,39 @@ class _Tracer:
         self.stages.append((name, torch.isfinite(after).sum(-1), (prev * removed).sum(-1)))
 
 
-def _pipeline(logits, b: SamplingBatch, output_counts, prompt_counts, num_generated, tracer: _Tracer):
-    """Steps 1-5. Returns (final logits, raw log-softmax, failed rows)."""
-    x = _sanitize(logits)
-    raw = torch.log_softmax(x, -1)
-    B = x.shape[0]
+def _resolve_posinf(x: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """Rows holding +inf keep only their +inf tokens, equally likely (as logits 0); others unchanged."""
+    rows = torch.isposinf(row_max).unsqueeze(-1)
+    only = torch.where(torch.isposinf(x), 0.0, NEG_INF)
+    return torch.where(rows, only, x)
+
+
+def _counts(b: SamplingBatch, output_counts, prompt_counts, like: torch.Tensor):
+    """(counts for frequency/presence and temperature penalties, seen mask for repetition)."""
+    out = output_counts if output_counts is not None else torch.zeros_like(like, dtype=torch.int32)
+    counts = out
+    if prompt_counts is not None and bool(b.penalize_prompt.any()):
+        counts = out + prompt_counts * b.penalize_prompt.unsqueeze(-1)
+    seen = out > 0
+    if prompt_counts is not None:
+        seen = seen | (prompt_counts > 0)
+    return counts, seen
+
+
+def _pipeline(logits: torch.Tensor, b: SamplingBatch, output_counts, prompt_counts, num_generated,
+              tracer: _Tracer):
+    """Steps 0-5. Returns (final log-probabilities [B, V], raw log-probabilities [B, V], failed [B])."""
+    if logits.dim() != 2 or logits.shape[0] != len(b):
+        raise ValueError(f"logits must be [B={len(b)}, V], got {tuple(logits.shape)}")
+    B = logits.shape[0]
+    x = logits.float().nan_to_num(nan=NEG_INF, posinf=float("inf"), neginf=NEG_INF)  # a new tensor
+    raw_max = x.amax(-1)
+    raw_x = _resolve_posinf(x, raw_max) if bool(torch.isposinf(raw_max).any()) else x
+    raw = torch.log_softmax(raw_x, -1)
+    if bool(torch.isneginf(raw_max).any()):  # rows without a finite logit: -inf, not NaN
+        raw = raw.masked_fill(torch.isneginf(raw_max).unsqueeze(-1), NEG_INF)
     if num_generated is None:
-        num_generated = torch.zeros(B, dtype=torch.long)
+        num_generated = torch.zeros(B, dtype=torch.long, device=x.device)
 
     def stage(name, fn):
         nonlocal x
@@ -162,124 +237,165 @@ def _pipeline(logits, b: SamplingBatch, output_counts, prompt_counts, num_genera
         tracer(name, x, y)
         x = y
 
-    if "mask" in b.uses:
+    u = b.uses
+    if "mask" in u:
         stage("allowed/banned", lambda v: P.mask_tokens(v, b.allowed, b.banned))
-    if "min_tokens" in b.uses:
-        stage("min_tokens", lambda v: P.mask_eos_before_min_tokens(v, b.eos_ids, num_generated, b.min_tokens))
-    if "logit_bias" in b.uses:
+    if "min_tokens" in u:
+        stage("min_tokens", lambda v: P.mask_eos(v, b.eos_mask, num_generated, b.min_tokens))
+    if "logit_bias" in u:
         stage("logit_bias", lambda v: P.logit_bias(v, b.bias))
-    penalties = {"repetition_penalty", "frequency_presence", "temperature_penalty"} & b.uses
-    if penalties:
-        out_c = output_counts if output_counts is not None else torch.zeros_like(x, dtype=torch.int32)
-        counts = out_c
-        if prompt_counts is not None and bool(b.penalize_prompt.any()):
-            counts = out_c + prompt_counts * b.penalize_prompt.unsqueeze(-1)
-        if "repetition_penalty" in b.uses:
-            seen = out_c > 0
-            if prompt_counts is not None:
-                seen = seen | (prompt_counts > 0)
+    if {"repetition_penalty", "frequency_presence", "temperature_penalty"} & u:
+        counts, seen = _counts(b, output_counts, prompt_counts, x)
+        if "repetition_penalty" in u:
             stage("repetition", lambda v: P.repetition_penalty(v, seen, b.repetition_penalty))
-        if "frequency_presence" in b.uses:
-            stage("freq/presence", lambda v: P.frequency_presence_penalty(
-                v, counts, b.frequency_penalty, b.presence_penalty))
-        if "temperature_penalty" in b.uses:
+        if "frequency_presence" in u:
+            stage("freq/presence",
+                  lambda v: P.frequency_presence_penalty(v, counts, b.frequency_penalty, b.presence_penalty))
+        if "temperature_penalty" in u:
             stage("temp_penalty", lambda v: P.temperature_penalty(
                 v, counts, b.temperature_frequency_penalty, b.temperature_presence_penalty))
-    failed = ~torch.isfinite(x).any(-1)
-    if bool(failed.any()):
-        x = torch.where(failed.unsqueeze(-1), torch.zeros_like(x), x)
-    greedy = b.greedy
-    if bool(greedy.any()):  # one-hot at the argmax (ties -> lowest id), before temperature
-        onehot = torch.full_like(x, float("-inf")).scatter(-1, x.argmax(-1, keepdim=True), 0.0)
-        greedy_x = onehot
-    stage("temperature", lambda v: P.temperature(v, b.temperature))
-    for name, fn, param in (("top_k", P.top_k, b.top_k), ("top_p", P.top_p, b.top_p),
-                            ("min_p", P.min_p, b.min_p), ("typical_p", P.typical, b.typical_p),
-                            ("epsilon", P.epsilon, b.epsilon), ("eta", P.eta, b.eta)):
-        if name in b.uses:
+
+    row_max = x.amax(-1)
+    if bool(torch.isposinf(row_max).any()):
+        x = _resolve_posinf(x, row_max)
+    failed = torch.isneginf(row_max)  # NaN is gone, so max = -inf <=> no finite logit left
+    any_failed = bool(failed.any())
+    if any_failed:  # keep the arithmetic finite; these rows come out as all -inf
+        x = x.masked_fill(failed.unsqueeze(-1), 0.0)
+
+    onehot = P.greedy(x) if "greedy" in u else None  # argmax of the processed logits
+    if "temperature" in u:
+        stage("temperature", lambda v: P.temperature(v, b.temperature))
+    for name, fn in (("top_k", P.top_k), ("top_p", P.top_p), ("min_p", P.min_p), ("typical_p", P.typical),
+                     ("epsilon", P.epsilon), ("eta", P.eta)):
+        if name in u:
+            param = getattr(b, name)
             stage(name, lambda v, fn=fn, param=param: fn(v, param))
-    if bool(greedy.any()):
-        y = torch.where(greedy.unsqueeze(-1), greedy_x, x)
-        tracer("greedy", x, y)
-        x = y
-    return x, raw, failed
+    if onehot is not None:
+        stage("greedy", lambda v: torch.where(b.greedy.unsqueeze(-1), onehot, v))
+
+    final = raw if x is raw_x else torch.log_softmax(x, -1)
+    if any_failed:
+        final = final.masked_fill(failed.unsqueeze(-1), NEG_INF)
+    return final, raw, failed
 
 
-def process(logits, batch: SamplingBatch, output_counts=None, prompt_counts=None, num_generated=None):
-    """The final normalised log-probabilities [B, V] the pipeline samples from (-inf where removed;
-    greedy rows are one-hot at their argmax)."""
-    x, _, _ = _pipeline(logits, batch, output_counts, prompt_counts, num_generated, _Tracer(False))
-    return torch.log_softmax(x, -1)
+def process(logits: torch.Tensor, batch: SamplingBatch, output_counts: torch.Tensor | None = None,
+            prompt_counts: torch.Tensor | None = None,
+            num_generated: torch.Tensor | None = None) -> torch.Tensor:
+    """The final normalised log-probabilities ``[B, V]`` the pipeline samples from: -inf where removed,
+    greedy rows one-hot at their argmax (0 there), failed rows all -inf. Used by speculative decoding,
+    beam search and the distribution views; ``draw(process(...), u)`` is exactly what ``sample`` does."""
+    final, _, _ = _pipeline(logits, batch, output_counts, prompt_counts, num_generated, _Tracer(False))
+    return final
 
 
-def draw(logprobs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw, one uniform per row: the first token whose cumulative mass exceeds u * total.
-    Only tokens with positive probability can be returned."""
-    probs = logprobs.double().exp()
+def draw(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw, one uniform in [0, 1) per row: the first token whose float64 cumulative mass
+    exceeds u * total. Only a token with positive probability can be returned (the total need not be 1;
+    NaN counts as 0). A row with no mass at all returns token 0."""
+    probs = logprobs.double().exp().nan_to_num(0.0, posinf=0.0, neginf=0.0)
     cdf = probs.cumsum(-1)
-    target = (u.double() * cdf[:, -1]).unsqueeze(-1)
+    target = uniforms.to(cdf.dtype).reshape(-1, 1) * cdf[:, -1:]
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    last_positive = cdf.argmax(-1)  # first index reaching the total = last token with mass
+    last_positive = cdf.argmax(-1)  # the first index reaching the total = the last token with mass
     return torch.minimum(idx, last_positive)
 
 
-def sample(logits, batch: SamplingBatch, *, output_counts=None, prompt_counts=None, num_generated=None,
-           num_logprobs: int = 0, explain: bool = False, uniforms: torch.Tensor | None = None) -> SamplerOutput:
-    """Run the pipeline on logits [B, V] and draw one token per row."""
-    B = logits.shape[0]
+def sample(logits: torch.Tensor, batch: SamplingBatch, *, output_counts: torch.Tensor | None = None,
+           prompt_counts: torch.Tensor | None = None, num_generated: torch.Tensor | None = None,
+           num_logprobs: int = 0, explain: bool = False,
+           uniforms: torch.Tensor | None = None) -> SamplerOutput:
+    """Run the pipeline on ``logits [B, V]`` and draw one token per row.
+
+    ``output_counts`` / ``prompt_counts`` ``[B, V]`` (integers) count each row's generated / prompt tokens
+    (penalties); ``num_generated`` ``[B]`` is the number of tokens each row generated so far (min_tokens,
+    and the RNG counter). ``uniforms`` overrides the per-row uniforms (tests, drivers with own streams).
+    ``num_logprobs``: N top alternatives per row in its logprobs mode. ``explain``: per-stage trace."""
+    B, V = logits.shape
     if num_generated is None:
-        num_generated = torch.zeros(B, dtype=torch.long)
+        num_generated = torch.zeros(B, dtype=torch.long, device=logits.device)
     tracer = _Tracer(explain)
-    x, raw, failed = _pipeline(logits, batch, output_counts, prompt_counts, num_generated, tracer)
-    final = torch.log_softmax(x, -1)
+    final, raw, failed = _pipeline(logits, batch, output_counts, prompt_counts, num_generated, tracer)
     u = uniforms if uniforms is not None else rng_uniforms(batch.seeds, num_generated)
     tokens = draw(final, u)
-    rows = torch.arange(B)
-    raw_lp, proc_lp = raw[rows, tokens], final[rows, tokens]
+    if bool(failed.any()):  # a valid id all the same: the model's own favourite
+        tokens = torch.where(failed, raw.argmax(-1), tokens)
+    tok = tokens.unsqueeze(-1)
+    raw_lp, proc_lp = raw.gather(-1, tok).squeeze(-1), final.gather(-1, tok).squeeze(-1)
     mode = batch.processed_logprobs
     top_ids = top_lps = None
-    if num_logprobs > 0:
-        r_v, r_i = raw.topk(num_logprobs, -1)
-        p_v, p_i = final.topk(num_logprobs, -1)
-        m = mode.unsqueeze(-1)
-        top_ids, top_lps = torch.where(m, p_i, r_i), torch.where(m, p_v, r_v)
-    trace = None
-    if explain:
-        probs = final.exp()
-        p_tok = probs[rows, tokens]
-        rank = (probs > p_tok.unsqueeze(-1)).sum(-1) + 1
-        ent = -(probs * torch.where(probs > 0, final, torch.zeros_like(final))).sum(-1)
-        cols = [(n, k.tolist(), m.tolist()) for n, k, m in tracer.stages]
-        ent_l, tok_l, rank_l, p_l = ent.tolist(), tokens.tolist(), rank.tolist(), p_tok.tolist()
-        trace = [
-            [{"stage": n, "kept": k[i], "mass_removed": m[i]} for n, k, m in cols]
-            + [{"entropy": ent_l[i], "token": tok_l[i], "rank": rank_l[i], "prob": p_l[i]}]
-            for i in range(B)
-        ]
+    n = min(int(num_logprobs), V)
+    if n > 0:
+        if bool(mode.all()):
+            top_lps, top_ids = final.topk(n, -1)
+        elif not bool(mode.any()):
+            top_lps, top_ids = raw.topk(n, -1)
+        else:
+            (r_v, r_i), (p_v, p_i), m = raw.topk(n, -1), final.topk(n, -1), mode.unsqueeze(-1)
+            top_ids, top_lps = torch.where(m, p_i, r_i), torch.where(m, p_v, r_v)
+    trace = _trace(tracer, final, tokens) if explain else None
     return SamplerOutput(tokens=tokens, logprobs=torch.where(mode, proc_lp, raw_lp), raw_logprobs=raw_lp,
                          processed_logprobs=proc_lp, top_ids=top_ids, top_logprobs=top_lps, failed=failed,
                          trace=trace)
 
 
-def bench_sampler(batch: int = 1, vocab: int = 49152, repeats: int = 50) -> dict[str, float]:
-    """Milliseconds per ``sample`` call for common settings (not a test; see BENCHMARKS.md)."""
-    logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(0)) * 3
-    settings = {
-        "greedy": SamplingParams(temperature=0),
-        "temperature": SamplingParams(temperature=0.8),
-        "top_k=50": SamplingParams(top_k=50),
-        "top_p=0.9": SamplingParams(top_p=0.9),
-        "min_p=0.05": SamplingParams(min_p=0.05),
-        "top_k+top_p+penalties": SamplingParams(top_k=40, top_p=0.9, frequency_penalty=0.5, presence_penalty=0.5),
-    }
+def _trace(tracer: _Tracer, final: torch.Tensor, tokens: torch.Tensor) -> list[list[dict]]:
+    """Per row: {"stage", "kept", "mass_removed"} for each stage that ran, then {"entropy", "token",
+    "rank", "prob"} of the final distribution (rank 1 = most probable). Tensor ops, one to-list each."""
+    probs = final.exp()
+    p_tok = probs.gather(-1, tokens.unsqueeze(-1))
+    rank = (probs > p_tok).sum(-1) + 1
+    ent = (-torch.where(probs > 0, probs * final, torch.zeros_like(final)).sum(-1)).clamp(min=0.0)
+    cols = [(name, kept.tolist(), mass.tolist()) for name, kept, mass in tracer.stages]
+    ent_l, tok_l, rank_l, p_l = ent.tolist(), tokens.tolist(), rank.tolist(), p_tok.squeeze(-1).tolist()
+    return [
+        [{"stage": name, "kept": kept[i], "mass_removed": mass[i]} for name, kept, mass in cols]
+        + [{"entropy": ent_l[i], "token": tok_l[i], "rank": rank_l[i], "prob": p_l[i]}]
+        for i in range(len(tok_l))
+    ]
+
+
+BENCH_SETTINGS = {
+    "default (T=1)": SamplingParams(),
+    "greedy": SamplingParams(temperature=0),
+    "temperature 0.8": SamplingParams(temperature=0.8),
+    "top_k=50": SamplingParams(top_k=50),
+    "top_p=0.9": SamplingParams(top_p=0.9),
+    "top_k=50+top_p=0.9+T=0.8": SamplingParams(top_k=50, top_p=0.9, temperature=0.8),
+    "min_p=0.05": SamplingParams(min_p=0.05),
+    "typical_p=0.9": SamplingParams(typical_p=0.9),
+    "epsilon+eta": SamplingParams(epsilon=3e-4, eta=3e-4),
+    "freq/presence+rep+T=0.9,top_p=0.9": SamplingParams(temperature=0.9, top_p=0.9, frequency_penalty=0.5,
+                                                        presence_penalty=0.5, repetition_penalty=1.2),
+    "everything + trace + logprobs=5": SamplingParams(temperature=0.9, top_k=100, top_p=0.9, min_p=0.01,
+                                                      typical_p=0.95, epsilon=1e-4, eta=1e-4,
+                                                      frequency_penalty=0.3, temperature_presence_penalty=0.5,
+                                                      logit_bias={1: 2.0}, banned_token_ids=[2],
+                                                      logprobs=5, explain=True),
+}
+
+
+def bench_sampler(batch: int = 1, vocab: int = 49152, repeats: int = 50,
+                  settings: dict[str, SamplingParams] | None = None) -> dict[str, float]:
+    """Median milliseconds per ``sample`` call (``batch`` rows, ``vocab`` entries) for common settings.
+    A micro-benchmark, not a test: ``python -c "from logitlab.sampling.sampler import bench_sampler as b;
+    print(b())"``."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(batch, vocab, generator=g) * 3
+    counts = torch.randint(0, 2, (batch, vocab), generator=g, dtype=torch.int32)
+    num_generated = torch.full((batch,), 10, dtype=torch.long)
     out = {}
-    counts = torch.zeros(batch, vocab, dtype=torch.int32)
-    for name, p in settings.items():
+    for name, p in (settings or BENCH_SETTINGS).items():
         b = SamplingBatch.build([p] * batch, list(range(batch)), vocab, [0])
+        kw = dict(output_counts=counts, prompt_counts=counts, num_generated=num_generated,
+                  num_logprobs=p.logprobs or 0, explain=p.explain)
         for _ in range(3):
-            sample(logits, b, output_counts=counts)
-        t0 = time.perf_counter()
+            sample(logits, b, **kw)
+        times = []
         for _ in range(repeats):
-            sample(logits, b, output_counts=counts)
-        out[name] = (time.perf_counter() - t0) / repeats * 1e3
+            t0 = time.perf_counter()
+            sample(logits, b, **kw)
+            times.append(time.perf_counter() - t0)
+        out[name] = sorted(times)[len(times) // 2] * 1e3
     return out
