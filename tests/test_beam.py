@@ -142,3 +142,18 @@ def test_params_run_through_the_pipeline_and_bad_values_are_named():
         beam_search(model, [1], width=2, n=3)
     with pytest.raises(ParamError, match="beam_width"):
         beam_search(model, [1], width=0)
+
+
+@pytest.mark.real_model
+def test_real_model_beams_and_cli_path(real_engine):
+    from logitlab.classify import continuation_logprobs
+    from logitlab.decoding.cli_ext import Issue4Options, generate_issue4
+
+    prompt = "The capital of France is"
+    res, extra = generate_issue4(real_engine, prompt, SamplingParams(temperature=0.0, max_tokens=6, n=3),
+                                 Issue4Options(beam_width=3, length_penalty=1.0))
+    assert len(res.choices) == 3 and extra["beam"]["scores"] == sorted(extra["beam"]["scores"], reverse=True)
+    rescored = continuation_logprobs(real_engine, prompt, [c.token_ids for c in res.choices])
+    for lp, lps in zip(extra["beam"]["logprobs"], rescored, strict=True):
+        assert lp == pytest.approx(sum(lps), abs=2e-3)
+    assert "Paris" in res.choices[0].text

@@ -136,3 +136,17 @@ def test_issue4_options_from_cli_flags_and_request_fields():
         Issue4Options.from_request({"guided_choice": "a"})
     with pytest.raises(ParamError, match="response_format"):
         Issue4Options.from_request({"response_format": {"type": "xml"}})
+
+
+@pytest.mark.real_model
+def test_real_model_few_shot_sentiment_and_exact_scores(real_engine):
+    from logitlab.demos import SENTIMENT
+
+    res = classify(real_engine, SENTIMENT, ["The leading actress did a wonderful job.", "I want my money back."])
+    assert [r.label for r in res] == ["Positive", "Negative"]
+    assert res[0].probs["Positive"] > 0.7 and res[1].probs["Negative"] > 0.6
+    # the batched continuation scores equal the engine's own scoring of the same text
+    got = continuation_logprobs(real_engine, "The capital of France is", [" Paris", " the city of Rome"])
+    for text, lps in zip([" Paris", " the city of Rome"], got, strict=True):
+        ref = real_engine.score(text, context="The capital of France is")
+        assert lps == pytest.approx(ref.token_logprobs, abs=2e-3)

@@ -189,3 +189,25 @@ def test_byte_level_bpe_vocabulary_bridge():
     for ids, reason in zip(out.token_ids, out.finish_reasons, strict=True):
         assert reason == "stop"
         assert re.fullmatch(r"the answer is (yes|no)\.", tok.decode(ids[:-1])), tok.decode(ids)
+
+
+@pytest.mark.real_model
+def test_real_tokenizer_json_schema_and_regex(real_engine):
+    from logitlab.decoding.constraints import compile_constraint
+
+    info = tokenizer_info(real_engine.tokenizer, real_engine.vocab_size)
+    assert info.vocab_type.name == "BYTE_LEVEL" and info.vocab_size == real_engine.vocab_size
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"]}
+    c = compile_constraint(spec_from_options(json_schema=schema), real_engine)
+    prompt = real_engine.chat_prompt([{"role": "user", "content": "Give me a JSON object describing a person."}])
+    out = constrained_generate(real_engine, prompt, c, SamplingParams(temperature=0.0, max_tokens=40))
+    assert out.finish_reasons == ["stop"]
+    obj = json.loads(out.texts[0])
+    assert isinstance(obj["name"], str) and 0 <= obj["age"] <= 120
+    c = compile_constraint(ConstraintSpec("regex", r"[0-9]{1,2} (apples|pears)"), real_engine)
+    out = constrained_generate(real_engine, "I bought", c, SamplingParams(temperature=1.0, seed=0, max_tokens=8),
+                               n=3)
+    for t in out.texts:
+        assert re.fullmatch(r"[0-9]{1,2} (apples|pears)", t), t

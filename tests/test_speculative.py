@@ -143,3 +143,14 @@ def test_benchmark_reports_acceptance_and_speedup():
     assert [r["draft"] for r in rows] == ["ngram", "early-exit:2"]
     for r in rows:
         assert r["same_as_plain"] and 0 <= r["acceptance_rate"] <= 1 and r["speedup"] > 0
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("draft", ["ngram", "early-exit:20", "int8"])
+def test_real_model_greedy_speculative_equals_the_engine(real_engine, draft):
+    prompt = "Yesterday I went to the gym and I was"
+    ref = real_engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24))[0].choices[0].token_ids
+    out = speculative_generate(real_engine, draft, prompt, SamplingParams(temperature=0.0, max_tokens=24),
+                               num_speculative_tokens=4)
+    assert out.token_ids[0] == ref
+    assert out.stats.generated == len(ref) and out.stats.rounds < len(ref)  # some drafts were accepted
