@@ -91,7 +91,43 @@ async def _level(base: str, model: str, clients: int, duration: float, max_token
             "first_error": errors[0] if errors else None}
 
 
+def _spawn_server(args) -> tuple[str, str, object]:
+    """``python -m logitlab.server`` in its own process (clients and server do not share a GIL)."""
+    import subprocess
+
+    import httpx
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    max_batch = max(args.clients)
+    cmd = [sys.executable, "-m", "logitlab.server", "--port", str(port), "--max-batch", str(max_batch),
+           "--max-len", str(args.max_len), "--max-queue", str(4 * max_batch), "--dtype", args.dtype,
+           "--log-level", "warning"]
+    if args.model:
+        cmd += ["--model", args.model]
+    proc = subprocess.Popen(cmd)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the server did not start")
+        time.sleep(0.2)
+    model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+    return base, model, proc
+
+
 def _start_server(args) -> tuple[str, str, object]:
+    """The server in a thread of this process (needed for --tiny, which builds the model here)."""
     import uvicorn
 
     from logitlab.engine import Engine
@@ -130,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"])
     p.add_argument("--tiny", action="store_true", help="a tiny random model (tests the harness, not speed)")
+    p.add_argument("--in-process", action="store_true", help="run the server in a thread of this process "
+                   "(default: a separate process)")
     p.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load per client count")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -149,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             import httpx
 
             model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
-    else:
+    elif args.tiny or args.in_process:
         base, model, server = _start_server(args)
+    else:
+        base, model, server = _spawn_server(args)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
     async def run_all() -> list[dict]:
@@ -182,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"model": model, "max_tokens": args.max_tokens, "duration_s": args.duration,
                        "results": results}, f, indent=2)
-    if server is not None:
+    if hasattr(server, "terminate"):
+        server.terminate()
+        server.wait(30)
+    elif server is not None:
         server.should_exit = True
     return 0 if all(r["errors"] == 0 for r in results) else 1
 

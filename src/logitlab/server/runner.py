@@ -54,8 +54,9 @@ class Runner:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Runner:
-        if not self._thread.is_alive():
-            self._thread.start()
+        with self._cv:
+            if self._thread.ident is None:
+                self._thread.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -67,7 +68,8 @@ class Runner:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        """The loop runs, or has not been started yet (it starts on the first request)."""
+        return not self._stopping and (self._thread.is_alive() or self._thread.ident is None)
 
     # ---- thread-safe API ---------------------------------------------------------------------
     @property
@@ -79,7 +81,13 @@ class Runner:
     def running(self) -> int:
         return len(self.scheduler.running)
 
+    def _ensure_started(self) -> None:
+        # normally started by the app's lifespan; started here too for servers that skip lifespan events
+        if not self._stopping and not self._thread.is_alive() and self._thread.ident is None:
+            self.start()
+
     def submit(self, requests: list[Request], sink: Sink) -> None:
+        self._ensure_started()
         with self._cv:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -96,6 +104,7 @@ class Runner:
 
     def call(self, fn: Callable) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._ensure_started()
         with self._cv:
             if self._stopping:
                 fut.set_exception(RuntimeError("the server is shutting down"))
