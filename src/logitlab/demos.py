@@ -24,8 +24,10 @@ from .sampling import ParamError, SamplingParams
 
 GYM = "Yesterday I went to the gym and I was"
 ONCE = "Once upon a time, there was a"
-PEAKED = "The greatest basketball player of all time is"
-FLAT = "The car is"
+# seed 002's prompts ("The greatest basketball player of all time is...", "The car is...") had made-up
+# scores; on SmolLM2 the basketball prompt is not peaked, so the peaked example is a factual completion.
+PEAKED = "The capital of France is"
+FLAT = "My favorite food is"
 SENTIMENT = [("I loved the movie", "Positive"), ("It was way too long", "Negative"),
              ("The dialogue was fine, but the story didn't make sense.", "Negative")]
 SENTIMENT_INPUTS = ["The leading actress did a wonderful job.", "I want my money back.",
@@ -118,10 +120,11 @@ def demo_temperature(engine, out=sys.stdout, plot=None, top: int = 12, temperatu
         text, _ = _gen(engine, ONCE, max_tokens=12, temperature=T, seed=0)
         result[T] = {"top": [(tok.decode([i]), v) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)],
                      "sample": text}
-    # ranks by T=1 so both columns list the same tokens, as on the slide
+    # ranked by T=1 so both columns list the same tokens; as on the slide, the probabilities are
+    # renormalised over these top tokens (top-k after temperature: the ranking does not change)
     base = _distribution(engine, ONCE, SamplingParams(temperature=1.0)).topk(top).indices.tolist()
-    cols = {T: _distribution(engine, ONCE, SamplingParams(temperature=T)) for T in temperatures}
-    _print(out, f"{ONCE!r} ->")
+    cols = {T: _distribution(engine, ONCE, SamplingParams(temperature=T, top_k=top)) for T in temperatures}
+    _print(out, f"{ONCE!r} -> (renormalised over the top {top}; the samples use the whole vocabulary)")
     _print(out, f"{'token':>14} " + " ".join(f"{'T=' + format(T, 'g'):>8}" for T in temperatures))
     for i in base:
         _print(out, f"{tok.decode([i])!r:>14} " + " ".join(f"{float(cols[T][i]):8.1%}" for T in temperatures))
