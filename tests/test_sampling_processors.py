@@ -6,6 +6,7 @@ code under test. ``test_sampling_stats.py`` reuses these references as its targe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -240,17 +241,20 @@ def test_top_p_ties_with_the_crossing_token_are_all_kept():
     assert kept(out) == [[0, 1, 2, 3]] == [np_kept(ref_top_p(logits, 0.5))]
 
 
-def test_top_p_uses_topk_path_after_top_k_and_sort_path_otherwise():
+@pytest.mark.parametrize("scale", [0.01, 0.6, 4.0])  # mass over ~all tokens / thousands / a few
+def test_top_p_and_typical_bounded_topk_equals_the_full_sort(scale, monkeypatch):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 6000, generator=g) * 2
-    p = torch.tensor([0.3, 0.9, 1.0], dtype=torch.float64)
-    sort_path = P.top_p(x, p)  # 6000 finite > TOPK_INSTEAD_OF_SORT
-    for i in range(3):
-        assert np_kept(ref_top_p(x[i].tolist(), p[i].item())) == kept(sort_path[i:i + 1])[0]
-    after_k = P.top_k(x, torch.tensor([100, 100, 100]))
-    topk_path = P.top_p(after_k, p)
-    for i in range(3):
-        assert np_kept(ref_top_p(after_k[i].tolist(), p[i].item())) == kept(topk_path[i:i + 1])[0]
+    x = torch.randn(2, 6000, generator=g) * scale
+    for mass in (0.2, 0.9, 0.995):
+        m = torch.full((2,), mass, dtype=torch.float64)
+        fast_p, fast_t = P.top_p(x, m), P.typical(x, m)
+        with monkeypatch.context() as mp:
+            mp.setattr(P, "PREFIX_GUESSES", ())
+            sort_p, sort_t = P.top_p(x, m), P.typical(x, m)
+        assert kept(fast_p) == kept(sort_p) and kept(fast_t) == kept(sort_t)
+        for i in range(2):
+            assert kept(fast_p[i:i + 1])[0] == np_kept(ref_top_p(x[i].tolist(), mass))
+            assert kept(fast_t[i:i + 1])[0] == np_kept(ref_typical(x[i].tolist(), mass))
 
 
 # ---- min-p, typical, epsilon, eta ---------------------------------------------------------------------
@@ -452,6 +456,61 @@ def test_rows_in_a_mixed_batch_equal_the_rows_processed_alone():
         assert torch.equal(torch.isfinite(alone[0]), torch.isfinite(together[i]))
         np.testing.assert_allclose(alone[0].numpy(), together[i].numpy(), atol=1e-6, rtol=1e-6)
         assert sample(x[i:i + 1], bi, **kw).tokens.item() == out.tokens[i].item()
+
+
+COMPACT = [  # every sampled row uses top-k: the pipeline works on [B, K] candidate columns
+    SamplingParams(top_k=7, temperature=0.6),
+    SamplingParams(top_k=20, top_p=0.7, temperature=1.3, logprobs_mode="processed"),
+    SamplingParams(top_k=15, min_p=0.1, typical_p=0.8, repetition_penalty=1.3, frequency_penalty=0.4),
+    SamplingParams(top_k=25, epsilon=0.02, eta=0.02, logit_bias={3: 4.0}, banned_token_ids=[4]),
+    SamplingParams(temperature=0, logprobs_mode="processed"),
+    SamplingParams(top_k=1, temperature=0.3),
+]
+
+
+def test_compact_top_k_path_equals_the_full_path():
+    x, counts, prompt = _mixed_inputs()
+    x, counts, prompt = (v[: len(COMPACT)] for v in (x, counts, prompt))
+    b = batch_of(*COMPACT, vocab=x.shape[1])
+    assert b.compact_k == 25
+    full = dataclasses.replace(b, compact_k=0)
+    kw = dict(output_counts=counts, prompt_counts=prompt)
+    fast, slow = process(x, b, **kw), process(x, full, **kw)
+    assert kept(fast) == kept(slow)
+    np.testing.assert_allclose(fast.exp().numpy(), slow.exp().numpy(), atol=1e-6)
+    for i, p in enumerate(COMPACT):
+        ref = ref_pipeline(x[i].tolist(), p, counts[i].tolist(), prompt[i].tolist())
+        np.testing.assert_allclose(fast[i].double().exp().numpy(), ref, atol=2e-6)
+    # the same uniform picks the same token on both paths (candidates are kept in token-id order)
+    for u in torch.linspace(0.0, 0.999, 37, dtype=torch.float64):
+        uu = u.expand(len(COMPACT))
+        a = sample(x, b, **kw, uniforms=uu, num_logprobs=4)
+        c = sample(x, full, **kw, uniforms=uu, num_logprobs=4)
+        assert a.tokens.tolist() == c.tokens.tolist()
+        np.testing.assert_allclose(a.processed_logprobs.numpy(), c.processed_logprobs.numpy(), atol=1e-6)
+        assert torch.equal(a.top_ids, c.top_ids)
+        np.testing.assert_allclose(a.top_logprobs.numpy(), c.top_logprobs.numpy(), atol=1e-6)
+
+
+def test_compact_path_ties_and_greedy():
+    # row 0: top-k=2 with a tie at the boundary -> exact rule (lowest ids); row 1: greedy with 4 tied
+    # maxima, more than the batch's K: the lowest id all the same
+    x = t([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0], [0.0, 5.0, 1.0, 5.0, 5.0, 5.0]])
+    b = batch_of(SamplingParams(top_k=2), SamplingParams(temperature=0), vocab=6)
+    assert b.compact_k == 2
+    assert kept(process(x, b)) == [[1, 3], [1]]
+    x2 = t([[1.0, 3.0, 2.0, 2.5, 3.5, 0.0], [0.0, 5.0, 1.0, 5.0, 5.0, 5.0]])  # no tie: compact path
+    out = sample(x2, b, num_logprobs=2, uniforms=torch.tensor([0.99, 0.5], dtype=torch.float64))
+    assert kept(process(x2, b)) == [[1, 4], [1]] and out.tokens.tolist() == [4, 1]
+    assert out.processed_logprobs[1].item() == 0.0
+    # many ties (torch.topk does not return them in id order here): still the k lowest ids
+    g = torch.Generator().manual_seed(0)
+    x3 = torch.randint(0, 3, (2, 3000), generator=g).float()
+    b3 = batch_of(SamplingParams(top_k=500), SamplingParams(top_k=40, top_p=0.5), vocab=3000)
+    assert b3.compact_k == 500
+    twos = [(r == 2).nonzero().flatten().tolist() for r in x3]
+    assert kept(process(x3, b3)) == [twos[0][:500], twos[1][:40]]
+    assert kept(P.top_k(x3, torch.tensor([500, 40]))) == [twos[0][:500], twos[1][:40]]
 
 
 def test_greedy_is_the_argmax_of_the_processed_logits_with_ties_to_the_lowest_id():

@@ -25,9 +25,11 @@ import torch
 
 NEG_INF = float("-inf")
 
-# A full sort of a 49k vocabulary costs ~30x a bounded topk(50) (PERF_NOTES); when at most this many
-# tokens of the rows concerned are still finite (e.g. after top-k), their topk is used instead.
-TOPK_INSTEAD_OF_SORT = 4096
+# A full sort of a 49k vocabulary costs ~30x a bounded topk(50) (PERF_NOTES). Top-p and typical first try
+# the best ``K`` candidates for these K (exact whenever they already hold the required mass, which they
+# nearly always do), and sort the whole row only when they do not.
+PREFIX_GUESSES = (256, 4096)
+_FLT_MAX = torch.finfo(torch.float32).max
 
 
 def _col(v: torch.Tensor) -> torch.Tensor:
@@ -53,9 +55,32 @@ def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(x.cumsum(-1)[..., :-1], (1, 0))
 
 
-def _n_candidates(logits: torch.Tensor) -> int:
-    """Largest number of finite entries in a row: beyond it every sorted entry is -inf / zero mass."""
-    return max(int(torch.isfinite(logits).sum(-1).max()), 1)
+def _crossing_key(key: torch.Tensor, probs: torch.Tensor, mass: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Order each row's tokens by ``key`` (decreasing if ``largest``) and accumulate their ``probs``: the
+    key of the token at which the cumulative mass first reaches ``mass`` ([b, 1]). Mass is summed in
+    float64. Uses topk(K) for K in PREFIX_GUESSES when the first K tokens already hold the mass (then the
+    result is exactly the full sort's), else a full sort."""
+    target = _col(mass.double())
+    sk = cum = None
+    for k in PREFIX_GUESSES:
+        if k >= key.shape[-1]:
+            break
+        top, idx = key.topk(k, dim=-1, largest=largest)
+        prefix = probs.gather(-1, idx).double().cumsum(-1)
+        if bool((prefix[:, -1:] >= target).all()):
+            sk, cum = top, prefix
+            break
+    if sk is None:
+        sk, idx = key.sort(dim=-1, descending=largest)
+        cum = probs.gather(-1, idx).double().cumsum(-1)
+    before = torch.nn.functional.pad(cum[:, :-1], (1, 0))  # mass strictly before each position
+    c = (before < target).sum(-1, keepdim=True) - 1  # crossing position (0-based), >= 0 since mass > 0
+    return sk.gather(-1, c)
+
+
+def _entropy(probs: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """H = -sum_i p_i log p_i per row ([b, 1]); 0 log 0 = 0 (clamping -inf to -FLT_MAX makes it 0 * x)."""
+    return -(probs * logp.clamp(min=-_FLT_MAX)).sum(-1, keepdim=True)
 
 
 # ---- masks ---------------------------------------------------------------------------------------
@@ -132,6 +157,8 @@ def temperature(logits: torch.Tensor, t: torch.Tensor):
         return logits
     row_max = logits.amax(-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    if bool(active.all()):
+        return (logits - row_max) / _col(t)
     safe_t = torch.where(active, t, torch.ones_like(t))
     return torch.where(_col(active), (logits - row_max) / _col(safe_t), logits)
 
@@ -156,15 +183,16 @@ def top_k(logits: torch.Tensor, k: torch.Tensor):
     if not bool(active.any()):
         return logits
     kmax = int(k[active].max())
-    vals = logits.topk(kmax, dim=-1).values  # [B, kmax], descending
-    kth = vals.gather(-1, _col(k.clamp(1, kmax) - 1))  # [B, 1]
-    keep = logits >= kth
-    n_keep = keep.sum(-1)
-    if bool((active & (n_keep > k)).any()):  # ties at the boundary: keep them in index order
-        above = logits > kth
-        tied = keep & ~above
-        room = _col(k - above.sum(-1))
-        keep = above | (tied & (tied.cumsum(-1) <= room))
+    vals = logits.topk(kmax + 1, dim=-1).values  # [B, kmax + 1], descending (kmax < V)
+    kk = _col(torch.where(active, k, torch.ones_like(k)))
+    kth, nxt = vals.gather(-1, kk - 1), vals.gather(-1, kk)
+    kth = torch.where(_col(active), kth, torch.full_like(kth, NEG_INF))  # inactive rows: remove nothing
+    tie = active & (nxt == kth).squeeze(-1) & torch.isfinite(kth).squeeze(-1)
+    if not bool(tie.any()):  # the k-th and (k+1)-th values differ: "l >= kth" is exactly k tokens
+        return logits.masked_fill(logits < kth, NEG_INF)
+    above = logits > kth
+    tied = (logits == kth) & _col(active)
+    keep = above | (tied & (tied.cumsum(-1) <= _col(k) - above.sum(-1, keepdim=True)))
     return logits.masked_fill(_col(active) & ~keep, NEG_INF)
 
 
@@ -172,21 +200,14 @@ def top_p(logits: torch.Tensor, p: torch.Tensor):
     """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most probable tokens whose mass
     reaches p, INCLUDING the token that crosses p. With p_(1) >= p_(2) >= ... the sorted probabilities,
     the crossing rank is c = min{j : p_(1) + ... + p_(j) >= p}, and token i is kept iff p_i >= p_(c)
-    (tokens tied with the crossing one are kept too). p = 1: off. Only rows with p < 1 are sorted, and
-    with a bounded topk when few tokens are left (e.g. after top-k)."""
+    (tokens tied with the crossing one are kept too). p = 1: off. Only rows with p < 1 are looked at,
+    and through a bounded topk unless the mass is spread over more than PREFIX_GUESSES[-1] tokens."""
     return _truncate(logits, p < 1.0, _top_p_keep, p)
 
 
 def _top_p_keep(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(logits, dim=-1)
-    n = _n_candidates(logits)
-    if n <= TOPK_INSTEAD_OF_SORT:
-        sp = probs.topk(n, dim=-1).values
-    else:
-        sp = probs.sort(dim=-1, descending=True).values
-    before = _exclusive_cumsum(sp.double())  # mass strictly before each sorted position
-    c = (before < _col(p.double())).sum(-1, keepdim=True) - 1  # crossing rank (0-based), >= 0
-    return (probs >= sp.gather(-1, c)) & torch.isfinite(logits)
+    return probs >= _crossing_key(probs, probs, p, largest=True)  # -inf entries stay -inf anyway
 
 
 def min_p(logits: torch.Tensor, m: torch.Tensor):
@@ -195,15 +216,9 @@ def min_p(logits: torch.Tensor, m: torch.Tensor):
     active = m > 0
     if not bool(active.any()):
         return logits
-    safe = torch.where(active, m, torch.ones_like(m)).double()
-    thresh = logits.amax(-1, keepdim=True).double() + _col(safe.log())
-    return logits.masked_fill(_col(active) & (logits.double() < thresh), NEG_INF)
-
-
-def _entropy(logp: torch.Tensor) -> torch.Tensor:
-    """H = -sum_i p_i log p_i over a row of log-probabilities ([B, 1]; 0 log 0 = 0)."""
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(logp)).sum(-1, keepdim=True)
+    log_m = torch.where(active, m, torch.ones_like(m)).double().log()
+    thresh = logits.amax(-1, keepdim=True).double() + _col(torch.where(active, log_m, float("-inf")))
+    return logits.masked_fill(logits.double() < thresh, NEG_INF)
 
 
 def typical(logits: torch.Tensor, mass: torch.Tensor):
@@ -216,17 +231,9 @@ def typical(logits: torch.Tensor, mass: torch.Tensor):
 
 def _typical_keep(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits, dim=-1)
-    ent = _entropy(logp)
-    finite = torch.isfinite(logp)
-    dev = torch.where(finite, (-logp - ent).abs(), torch.full_like(logp, float("inf")))
-    n = _n_candidates(logits)
-    if n <= TOPK_INSTEAD_OF_SORT:
-        sd, order = dev.topk(n, dim=-1, largest=False)
-    else:
-        sd, order = dev.sort(dim=-1)
-    before = _exclusive_cumsum(logp.exp().gather(-1, order).double())
-    c = (before < _col(mass.double())).sum(-1, keepdim=True) - 1
-    return (dev <= sd.gather(-1, c)) & finite
+    probs = torch.softmax(logits, dim=-1)
+    dev = (-logp - _entropy(probs, logp)).abs()  # +inf for removed tokens
+    return dev <= _crossing_key(dev, probs, mass, largest=False)
 
 
 def epsilon(logits: torch.Tensor, eps: torch.Tensor):
@@ -236,8 +243,8 @@ def epsilon(logits: torch.Tensor, eps: torch.Tensor):
     if not bool(active.any()):
         return logits
     probs = torch.softmax(logits, dim=-1)
-    remove = (probs < _col(eps)) & (logits < logits.amax(-1, keepdim=True))
-    return logits.masked_fill(_col(active) & remove, NEG_INF)
+    remove = (probs < _col(eps)) & (logits < logits.amax(-1, keepdim=True))  # eps = 0 removes nothing
+    return logits.masked_fill(remove, NEG_INF)
 
 
 def eta(logits: torch.Tensor, eta_: torch.Tensor):
@@ -246,8 +253,9 @@ def eta(logits: torch.Tensor, eta_: torch.Tensor):
     active = eta_ > 0
     if not bool(active.any()):
         return logits
-    logp = torch.log_softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    ent = _entropy(probs, torch.log_softmax(logits, dim=-1))
     e = _col(eta_)
-    thresh = torch.minimum(e, e.sqrt() * torch.exp(-_entropy(logp)))
-    remove = (logp.exp() < thresh) & (logits < logits.amax(-1, keepdim=True))
-    return logits.masked_fill(_col(active) & remove, NEG_INF)
+    thresh = torch.minimum(e, e.sqrt() * torch.exp(-ent))  # eta = 0 -> 0: removes nothing
+    remove = (probs < thresh) & (logits < logits.amax(-1, keepdim=True))
+    return logits.masked_fill(remove, NEG_INF)

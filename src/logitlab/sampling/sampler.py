@@ -75,6 +75,7 @@ class SamplingBatch:
     banned: torch.Tensor | None  # [B, V] bool, only when some row has banned_token_ids
     uses: frozenset  # names of the stages some row needs
     vocab_size: int = 0
+    compact_k: int = 0  # > 0: every sampled row uses top-k <= compact_k, so the compact path applies
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], vocab_size: int, eos_token_ids=(),
@@ -138,6 +139,12 @@ class SamplingBatch:
             if any(on(p) and not g for p, g in zip(params, greedy_rows, strict=True)):
                 uses.add(name)
 
+        # The compact path (see _pipeline): every row that samples uses top-k, and the largest k is small.
+        sampled_k = [p.top_k for p, g in zip(params, greedy_rows, strict=True) if not g]
+        compact_k = max(sampled_k) if sampled_k and all(0 < k < V for k in sampled_k) else 0
+        if compact_k > P.PREFIX_GUESSES[-1]:
+            compact_k = 0
+
         f32, f64 = torch.float32, torch.float64
         return cls(
             temperature=col((p.temperature for p in params), f32),
@@ -155,6 +162,7 @@ class SamplingBatch:
             seeds=col((canonical_seed(s) for s in seeds), torch.long),
             eos_ids=col(eos, torch.long), eos_mask=eos_mask,
             bias=bias, allowed=allowed, banned=banned, uses=frozenset(uses), vocab_size=V,
+            compact_k=compact_k,
         )
 
     def __len__(self) -> int:
@@ -216,18 +224,41 @@ def _counts(b: SamplingBatch, output_counts, prompt_counts, like: torch.Tensor):
     return counts, seen
 
 
+@dataclass
+class _Final:
+    """The final distribution: log-probabilities over the whole vocabulary (``ids`` None), or over a
+    compact set of candidate columns ``ids [B, K]`` (after top-k). Columns that repeat an id carry
+    -inf in all but one place."""
+
+    lp: torch.Tensor  # [B, V] or [B, K]
+    ids: torch.Tensor | None
+    vocab_size: int
+
+    def full(self) -> torch.Tensor:
+        if self.ids is None:
+            return self.lp
+        out = self.lp.new_full((self.lp.shape[0], self.vocab_size), NEG_INF)
+        return out.scatter_reduce_(-1, self.ids, self.lp, reduce="amax")
+
+    def tokens(self, columns: torch.Tensor) -> torch.Tensor:
+        return columns if self.ids is None else self.ids.gather(-1, columns.unsqueeze(-1)).squeeze(-1)
+
+
 def _pipeline(logits: torch.Tensor, b: SamplingBatch, output_counts, prompt_counts, num_generated,
-              tracer: _Tracer):
-    """Steps 0-5. Returns (final log-probabilities [B, V], raw log-probabilities [B, V], failed [B])."""
+              tracer: _Tracer, want_raw: bool = True):
+    """Steps 0-5. Returns (final distribution, raw log-probabilities [B, V] or None, failed [B])."""
     if logits.dim() != 2 or logits.shape[0] != len(b):
         raise ValueError(f"logits must be [B={len(b)}, V], got {tuple(logits.shape)}")
-    B = logits.shape[0]
+    B, V = logits.shape
     x = logits.float().nan_to_num(nan=NEG_INF, posinf=float("inf"), neginf=NEG_INF)  # a new tensor
-    raw_max = x.amax(-1)
-    raw_x = _resolve_posinf(x, raw_max) if bool(torch.isposinf(raw_max).any()) else x
-    raw = torch.log_softmax(raw_x, -1)
-    if bool(torch.isneginf(raw_max).any()):  # rows without a finite logit: -inf, not NaN
-        raw = raw.masked_fill(torch.isneginf(raw_max).unsqueeze(-1), NEG_INF)
+    raw_x = raw = None
+    if want_raw:
+        raw_max = x.amax(-1)
+        special = bool(torch.isinf(raw_max).any())  # rare: +inf logits, or rows without a finite logit
+        raw_x = _resolve_posinf(x, raw_max) if special else x
+        raw = torch.log_softmax(raw_x, -1)
+        if special:  # rows without a finite logit: -inf, not NaN
+            raw = raw.masked_fill(torch.isneginf(raw_max).unsqueeze(-1), NEG_INF)
     if num_generated is None:
         num_generated = torch.zeros(B, dtype=torch.long, device=x.device)
 
@@ -256,28 +287,55 @@ def _pipeline(logits: torch.Tensor, b: SamplingBatch, output_counts, prompt_coun
                 v, counts, b.temperature_frequency_penalty, b.temperature_presence_penalty))
 
     row_max = x.amax(-1)
-    if bool(torch.isposinf(row_max).any()):
-        x = _resolve_posinf(x, row_max)
     failed = torch.isneginf(row_max)  # NaN is gone, so max = -inf <=> no finite logit left
-    any_failed = bool(failed.any())
-    if any_failed:  # keep the arithmetic finite; these rows come out as all -inf
-        x = x.masked_fill(failed.unsqueeze(-1), 0.0)
+    any_failed = False
+    if bool(torch.isinf(row_max).any()):  # rare: one check for both kinds
+        x = _resolve_posinf(x, row_max)
+        any_failed = bool(failed.any())
+        if any_failed:  # keep the arithmetic finite; these rows come out as all -inf
+            x = x.masked_fill(failed.unsqueeze(-1), 0.0)
+    argmax = x.argmax(-1) if "greedy" in u else None  # greedy: argmax of the processed logits
 
-    onehot = P.greedy(x) if "greedy" in u else None  # argmax of the processed logits
+    ids = None
+    K = 0 if tracer.enabled or b.vocab_size != V else b.compact_k
+    if K:
+        # Compact path: top-k first (it commutes with temperature), then everything else on [B, K] columns
+        # put back in token-id order, so that a uniform picks the same token as over the whole row.
+        vals, cand = x.topk(K + 1, dim=-1)  # K < V
+        k = torch.where(b.greedy, torch.full_like(b.top_k, K), b.top_k).unsqueeze(-1)
+        kth, nxt = vals.gather(-1, k - 1), vals.gather(-1, k)
+        if bool(((kth == nxt) & torch.isfinite(kth) & ~b.greedy.unsqueeze(-1)).any()):
+            K = 0  # a tie at some row's k-th value: the full path resolves it by token id
+        else:
+            vals, cand = vals[:, :K], cand[:, :K]
+            beyond = torch.arange(K, device=x.device) >= b.top_k.unsqueeze(-1)
+            vals = vals.masked_fill(beyond & ~b.greedy.unsqueeze(-1), NEG_INF)
+            ids, perm = cand.sort(-1)
+            x = vals.gather(-1, perm)
     if "temperature" in u:
         stage("temperature", lambda v: P.temperature(v, b.temperature))
     for name, fn in (("top_k", P.top_k), ("top_p", P.top_p), ("min_p", P.min_p), ("typical_p", P.typical),
                      ("epsilon", P.epsilon), ("eta", P.eta)):
-        if name in u:
+        if name in u and not (name == "top_k" and ids is not None):
             param = getattr(b, name)
             stage(name, lambda v, fn=fn, param=param: fn(v, param))
-    if onehot is not None:
-        stage("greedy", lambda v: torch.where(b.greedy.unsqueeze(-1), onehot, v))
+    if argmax is not None:
+        g = b.greedy.unsqueeze(-1)
+        if ids is None:
+            stage("greedy", lambda v: torch.where(g, _onehot(v, argmax), v))
+        else:  # one-hot in the compact form: the argmax in every column, 0 in the first, -inf elsewhere
+            ids = torch.where(g, argmax.unsqueeze(-1).expand_as(ids), ids)
+            x = torch.where(g, _onehot(x, torch.zeros_like(argmax)), x)
 
     final = raw if x is raw_x else torch.log_softmax(x, -1)
     if any_failed:
         final = final.masked_fill(failed.unsqueeze(-1), NEG_INF)
-    return final, raw, failed
+    return _Final(final, ids, V), raw, failed
+
+
+def _onehot(like: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """0 at ``columns[b]`` of each row, -inf elsewhere."""
+    return torch.full_like(like, NEG_INF).scatter(-1, columns.unsqueeze(-1), 0.0)
 
 
 def process(logits: torch.Tensor, batch: SamplingBatch, output_counts: torch.Tensor | None = None,
@@ -285,21 +343,25 @@ def process(logits: torch.Tensor, batch: SamplingBatch, output_counts: torch.Ten
             num_generated: torch.Tensor | None = None) -> torch.Tensor:
     """The final normalised log-probabilities ``[B, V]`` the pipeline samples from: -inf where removed,
     greedy rows one-hot at their argmax (0 there), failed rows all -inf. Used by speculative decoding,
-    beam search and the distribution views; ``draw(process(...), u)`` is exactly what ``sample`` does."""
-    final, _, _ = _pipeline(logits, batch, output_counts, prompt_counts, num_generated, _Tracer(False))
-    return final
+    beam search and the distribution views; ``draw(process(...), u)`` is what ``sample`` does."""
+    final, _, _ = _pipeline(logits, batch, output_counts, prompt_counts, num_generated, _Tracer(False),
+                            want_raw=False)
+    return final.full()
 
 
 def draw(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw, one uniform in [0, 1) per row: the first token whose float64 cumulative mass
-    exceeds u * total. Only a token with positive probability can be returned (the total need not be 1;
-    NaN counts as 0). A row with no mass at all returns token 0."""
-    probs = logprobs.double().exp().nan_to_num(0.0, posinf=0.0, neginf=0.0)
-    cdf = probs.cumsum(-1)
+    """Inverse-CDF draw, one uniform in [0, 1) per row: the first column whose float64 cumulative mass
+    exceeds u * total. Only a column with positive probability can be returned (``logprobs`` need not be
+    normalised; NaN counts as -inf, +inf as the largest float). A row with no mass returns column 0."""
+    lp = logprobs.nan_to_num(nan=NEG_INF, neginf=NEG_INF)  # +inf -> the dtype's max
+    probs = torch.softmax(lp, dim=-1).nan_to_num(0.0)  # = exp(lp) / total, and fast with -inf entries
+    cdf = probs.double().cumsum(-1)
     target = uniforms.to(cdf.dtype).reshape(-1, 1) * cdf[:, -1:]
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    last_positive = cdf.argmax(-1)  # the first index reaching the total = the last token with mass
-    return torch.minimum(idx, last_positive)
+    over = idx >= cdf.shape[-1]  # u * total rounded up to the total: take the last column with mass
+    if bool(over.any()):
+        idx = torch.where(over, cdf.argmax(-1), idx)  # first column reaching the total
+    return idx
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, *, output_counts: torch.Tensor | None = None,
@@ -318,23 +380,24 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, *, output_counts: torch.T
     tracer = _Tracer(explain)
     final, raw, failed = _pipeline(logits, batch, output_counts, prompt_counts, num_generated, tracer)
     u = uniforms if uniforms is not None else rng_uniforms(batch.seeds, num_generated)
-    tokens = draw(final, u)
+    cols = draw(final.lp, u)
+    tokens = final.tokens(cols)
+    proc_lp = final.lp.gather(-1, cols.unsqueeze(-1)).squeeze(-1)  # -inf for failed rows
     if bool(failed.any()):  # a valid id all the same: the model's own favourite
         tokens = torch.where(failed, raw.argmax(-1), tokens)
-    tok = tokens.unsqueeze(-1)
-    raw_lp, proc_lp = raw.gather(-1, tok).squeeze(-1), final.gather(-1, tok).squeeze(-1)
+    raw_lp = raw.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     mode = batch.processed_logprobs
     top_ids = top_lps = None
     n = min(int(num_logprobs), V)
     if n > 0:
         if bool(mode.all()):
-            top_lps, top_ids = final.topk(n, -1)
+            top_lps, top_ids = final.full().topk(n, -1)
         elif not bool(mode.any()):
             top_lps, top_ids = raw.topk(n, -1)
         else:
-            (r_v, r_i), (p_v, p_i), m = raw.topk(n, -1), final.topk(n, -1), mode.unsqueeze(-1)
+            (r_v, r_i), (p_v, p_i), m = raw.topk(n, -1), final.full().topk(n, -1), mode.unsqueeze(-1)
             top_ids, top_lps = torch.where(m, p_i, r_i), torch.where(m, p_v, r_v)
-    trace = _trace(tracer, final, tokens) if explain else None
+    trace = _trace(tracer, final.full(), tokens) if explain else None
     return SamplerOutput(tokens=tokens, logprobs=torch.where(mode, proc_lp, raw_lp), raw_logprobs=raw_lp,
                          processed_logprobs=proc_lp, top_ids=top_ids, top_logprobs=top_lps, failed=failed,
                          trace=trace)
@@ -377,9 +440,10 @@ BENCH_SETTINGS = {
 
 
 def bench_sampler(batch: int = 1, vocab: int = 49152, repeats: int = 50,
-                  settings: dict[str, SamplingParams] | None = None) -> dict[str, float]:
-    """Median milliseconds per ``sample`` call (``batch`` rows, ``vocab`` entries) for common settings.
-    A micro-benchmark, not a test: ``python -c "from logitlab.sampling.sampler import bench_sampler as b;
+                  settings: dict[str, SamplingParams] | None = None) -> dict[str, dict[str, float]]:
+    """Milliseconds per ``sample`` call (``batch`` rows, ``vocab`` entries) for common settings: the median
+    wall time and the median CPU time of this process (the latter is robust to a busy machine). A
+    micro-benchmark, not a test: ``python -c "from logitlab.sampling.sampler import bench_sampler as b;
     print(b())"``."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(batch, vocab, generator=g) * 3
@@ -392,10 +456,11 @@ def bench_sampler(batch: int = 1, vocab: int = 49152, repeats: int = 50,
                   num_logprobs=p.logprobs or 0, explain=p.explain)
         for _ in range(3):
             sample(logits, b, **kw)
-        times = []
+        wall, cpu = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             sample(logits, b, **kw)
-            times.append(time.perf_counter() - t0)
-        out[name] = sorted(times)[len(times) // 2] * 1e3
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        out[name] = {"wall_ms": sorted(wall)[repeats // 2] * 1e3, "cpu_ms": sorted(cpu)[repeats // 2] * 1e3}
     return out
