@@ -523,3 +523,15 @@ def test_app_without_lifespan_starts_its_loop_on_demand(srv):
     finally:
         app.state.runner.stop()
     assert health == 200 and status == 200 and len(body["choices"][0]["token_ids"]) == 2
+
+
+def test_playground_is_served_with_no_outside_sources(srv):
+    page = httpx.get(srv.url + "/")
+    assert page.status_code == 200 and "logitlab playground" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for asset in ("/static/playground.js", "/static/playground.css", "/static/favicon.svg"):
+        r = httpx.get(srv.url + asset)
+        assert r.status_code == 200 and "content-security-policy" in r.headers
+    assert "http" not in page.text.replace("http://www.w3.org", "")  # nothing fetched from elsewhere
+    js = httpx.get(srv.url + "/static/playground.js").text
+    assert "http://" not in js.replace("http://www.w3.org/2000/svg", "") and "https://" not in js
