@@ -41,4 +41,6 @@ def real_model(real_weights):
 def real_engine(real_weights, real_model):
     from logitlab.engine import Engine
 
-    return Engine(real_model, real_weights.tokenizer, name="smollm2-135m-instruct", max_batch=32, max_len=2048)
+    return Engine(
+        real_model, real_weights.tokenizer, name="smollm2-135m-instruct", max_batch=32, max_len=2048
+    )
