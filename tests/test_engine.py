@@ -167,3 +167,32 @@ def test_continuous_batching_admits_while_running(tiny_engine):
     alone_long = tiny_engine.generate("long one", p_long)[0].choices[0].token_ids
     alone_short = tiny_engine.generate("short", p_short)[0].choices[0].token_ids
     assert long_req[0].output_ids == alone_long and short_req[0].output_ids == alone_short
+
+
+def test_grammar_constraint_in_the_continuous_batch(tiny_engine):
+    """A regex constraint runs as the pipeline's first stage inside the scheduler: every sample matches,
+    streaming gives the same text, and an unconstrained neighbour in the same batch is unaffected."""
+    import re
+
+    from logitlab.decoding.constraints import ConstraintSpec, compile_constraint
+
+    constraint = compile_constraint(ConstraintSpec("regex", r"(yes|no), [0-9]{2}"), tiny_engine)
+    p = SamplingParams(max_tokens=12, temperature=1.0, seed=11, n=4)
+    res = tiny_engine.generate("Answer:", p, constraint=constraint)[0]
+    for c in res.choices:
+        assert re.fullmatch(r"(yes|no), [0-9]{2}", c.text), c.text
+        assert c.finish_reason == "stop"
+    streamed = "".join(ev.text for ev in tiny_engine.stream("Answer:", SamplingParams(max_tokens=12, seed=11),
+                                                            constraint=constraint))
+    alone = tiny_engine.generate("Answer:", SamplingParams(max_tokens=12, seed=11), constraint=constraint)
+    assert streamed == alone[0].choices[0].text
+    free = SamplingParams(max_tokens=6, seed=5, ignore_eos=True)
+    sched = tiny_engine.scheduler
+    constrained = tiny_engine.make_requests("Answer:", p, constraint)
+    unconstrained = tiny_engine.make_requests("free text", free)
+    sched.add(constrained)
+    sched.add(unconstrained)
+    while sched.has_work():
+        sched.step()
+    assert [r.output_ids for r in constrained] == [c.token_ids for c in res.choices]
+    assert unconstrained[0].output_ids == tiny_engine.generate("free text", free)[0].choices[0].token_ids

@@ -105,17 +105,20 @@ class Engine:
             raise ParamError("prompt", "must not be empty")
         return ids
 
-    def make_requests(self, prompt: str | list[int], params: SamplingParams) -> list[Request]:
-        """Validate and turn one prompt into its ``n`` requests (one shared prefill)."""
+    def make_requests(self, prompt: str | list[int], params: SamplingParams, constraint=None) -> list[Request]:
+        """Validate and turn one prompt into its ``n`` requests (one shared prefill). ``constraint``
+        (a compiled ``decoding.constraints.Constraint``) restricts every sample to its grammar."""
         ids = self.encode_prompt(prompt)
         params.validate(self.vocab_size, context_length=self.max_len, prompt_len=len(ids),
                         eos_token_ids=sorted(self.tokenizer.eos_token_ids))
         base = params.seed if params.seed is not None else secrets.randbits(63)
         group = next(_groups)
-        return [Request(ids, params, derive_seed(base, i), group=group, index=i) for i in range(params.n)]
+        return [Request(ids, params, derive_seed(base, i), group=group, index=i,
+                        constraint=constraint.start() if constraint is not None else None)
+                for i in range(params.n)]
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool = False) -> list[GenerationResult]:
+                 progress: bool = False, constraint=None) -> list[GenerationResult]:
         """Generate for one prompt or a batch of prompts (str or token ids), with one SamplingParams
         for all or one per prompt. All prompts run together in one continuous batch."""
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
@@ -125,15 +128,15 @@ class Engine:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ParamError("params", f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
-        groups = [self.make_requests(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        groups = [self.make_requests(p, sp, constraint) for p, sp in zip(prompts, plist, strict=True)]
         for g in groups:
             self.scheduler.add(g)
         self._run([r for g in groups for r in g], progress)
         return [self._result(p, g) for p, g in zip(prompts, groups, strict=True)]
 
-    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+    def stream(self, prompt, params: SamplingParams | None = None, constraint=None) -> Iterator[TokenEvent]:
         """Yield one event per generated token (text delta, logprob, finish reason) as it is made."""
-        requests = self.make_requests(prompt, params or SamplingParams())
+        requests = self.make_requests(prompt, params or SamplingParams(), constraint)
         self.scheduler.add(requests)
         mine = {r.id for r in requests}
         try:

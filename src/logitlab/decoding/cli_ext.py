@@ -193,13 +193,9 @@ def generate_issue4(engine, prompt, params: SamplingParams, opts: Issue4Options)
         stats["draft"] = opts.speculative
         stats["num_speculative_tokens"] = opts.num_speculative_tokens
         return res, {"speculative": stats}
-    from .constraints import constrained_generate
-
-    out = constrained_generate(engine, prompt_ids, constraint, params)
-    res = _completions(engine, prompt_ids, params, out.token_ids, out.finish_reasons)
-    for c, reason in zip(res.choices, out.finish_reasons, strict=True):
-        if reason == "error":
-            c.error = "no token is allowed by the constraint"
+    # A constraint alone runs in the engine's own continuous batch (it streams like any request).
+    res = engine.generate(prompt_ids, params, constraint=constraint)[0]
+    res.prompt = prompt if isinstance(prompt, str) else res.prompt
     return res, {"constraint": spec.kind}
 
 

@@ -50,6 +50,8 @@ class Request:
     error: str | None = None
     slot: int = -1
     cancelled: bool = False
+    constraint: object = None  # a constraints.ConstraintState: grammar / JSON schema / regex position
+
 
     @property
     def finished(self) -> bool:
@@ -123,6 +125,12 @@ class Scheduler:
         if not rows:
             return events
         logits = torch.cat(logits)  # [R, V], row i is slot i
+        if any(r.constraint is not None for r in rows):
+            # Grammar constraints are the pipeline's first stage: tokens the grammar forbids are -inf
+            # before anything else looks at the row.
+            from .constraints import allowed_masks, apply_allowed
+
+            logits = apply_allowed(logits, allowed_masks([r.constraint for r in rows], self.vocab_size))
 
         out = sample(
             logits,
@@ -269,6 +277,11 @@ class Scheduler:
         r.top_logprobs.append(top)
         detok, stops = self._state[r.id]
         n = len(r.output_ids)
+        if r.constraint is not None and token not in self.eos_ids:
+            r.constraint.accept(token)
+            if r.constraint.terminated:  # the grammar is complete: nothing else may follow
+                text = stops.feed(detok.push(token)) + stops.feed(detok.flush()) + stops.flush()
+                return self._finish(r, "stop", token, text, logprob, top)
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             text = stops.feed(detok.flush(), check=n > p.min_tokens) + stops.flush()
             return self._finish(r, "stop", token, text, logprob, top)
