@@ -275,7 +275,8 @@ class Tokenizer:
             to_byte = unicode_to_byte()
             if all(c in to_byte for c in piece):
                 return bytes(to_byte[c] for c in piece).decode("utf-8", errors="backslashreplace")
-        return self.backend.decode([int(token_id)], skip_special_tokens=False)
+        text = self.backend.decode([int(token_id)], skip_special_tokens=False)
+        return piece if "\ufffd" in text else text  # e.g. a byte-fallback token "<0xF0>" as it is spelled
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)

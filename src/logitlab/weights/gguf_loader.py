@@ -273,9 +273,10 @@ def _write_cache(tensors_file: Path, meta_file: Path, config, state, tok_meta, s
     finally:
         for p in (tmp_t, tmp_m):
             p.unlink(missing_ok=True)
-    prefix, key = _cache_key(source)
-    for old in tensors_file.parent.glob(f"{prefix}*"):
-        if not old.name.startswith(key + ".") and not old.name.endswith(".tmp"):
+    prefix, key = _cache_key(source)[0], tensors_file.name.removesuffix(".safetensors")
+    for old in tensors_file.parent.iterdir():
+        name = old.name
+        if name.startswith(prefix) and not name.startswith(key + ".") and not name.endswith(".tmp"):
             old.unlink(missing_ok=True)
 
 
