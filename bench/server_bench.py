@@ -8,7 +8,9 @@
 For each client count C, C clients each send streaming completions back to back (fixed length:
 ``ignore_eos``) for ``--duration`` seconds; requests still running then are finished and counted. Reports
 output throughput (generated tokens / wall time), time to first token (TTFT) and request latency
-(p50/p99), and the throughput ratio to 1 client. Bounded: every level stops after its duration plus at
+(p50/p99), the throughput ratio to 1 client, and from the server's /metrics the mean scheduler step time
+and the fraction of wall time the engine was stepping ("busy": near 100% means the HTTP layer keeps the
+engine fed, and the engine's step time is the limit). Bounded: every level stops after its duration plus at
 most one request length, and a hard timeout covers the whole run.
 """
 
@@ -52,6 +54,18 @@ async def _one(client, url: str, body: dict) -> tuple[float, float, int]:
     return (ttft if ttft is not None else float("nan")), time.perf_counter() - t0, tokens
 
 
+async def _sched_counters(client, base: str) -> tuple[float, float]:
+    """(scheduler steps, seconds spent in steps) from the server's /metrics."""
+    text = (await client.get(base + "/metrics")).text
+    vals = {}
+    for line in text.splitlines():
+        if line.startswith(("logitlab_scheduler_steps_total ", "logitlab_scheduler_step_seconds_total ")):
+            name, value = line.split()
+            vals[name] = float(value)
+    return (vals.get("logitlab_scheduler_steps_total", 0.0),
+            vals.get("logitlab_scheduler_step_seconds_total", 0.0))
+
+
 async def _level(base: str, model: str, clients: int, duration: float, max_tokens: int,
                  headers: dict) -> dict:
     import httpx
@@ -61,6 +75,7 @@ async def _level(base: str, model: str, clients: int, duration: float, max_token
     errors: list[str] = []
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits, headers=headers) as client:
+        steps0, busy0 = await _sched_counters(client, base)
         t_start = time.perf_counter()
         stop_at = t_start + duration
 
@@ -79,6 +94,7 @@ async def _level(base: str, model: str, clients: int, duration: float, max_token
 
         await asyncio.gather(*(worker(w) for w in range(clients)))
         wall = time.perf_counter() - t_start
+        steps1, busy1 = await _sched_counters(client, base)
     tokens = sum(s[2] for s in stats)
     ttfts = [s[0] for s in stats if s[0] == s[0]]
     lat = [s[1] for s in stats]
@@ -88,6 +104,8 @@ async def _level(base: str, model: str, clients: int, duration: float, max_token
             "ttft_p50_s": _pct(ttfts, 50), "ttft_p99_s": _pct(ttfts, 99),
             "latency_p50_s": _pct(lat, 50), "latency_p99_s": _pct(lat, 99),
             "per_client_tok_s": statistics.mean(s[2] / s[1] for s in stats) if stats else 0.0,
+            "step_ms": 1000 * (busy1 - busy0) / max(1.0, steps1 - steps0),
+            "engine_busy": (busy1 - busy0) / wall if wall else 0.0,
             "first_error": errors[0] if errors else None}
 
 
@@ -210,12 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     base_tp = next((r["throughput_tok_s"] for r in results if r["clients"] == 1),
                    results[0]["throughput_tok_s"])
     print(f"\n{'clients':>7} {'req':>5} {'err':>4} {'tok/s':>8} {'x 1 client':>10} {'TTFT p50':>9} "
-          f"{'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} {'tok/s/client':>12}")
+          f"{'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} {'tok/s/client':>12} {'step ms':>8} {'busy':>5}")
     for r in results:
         r["ratio_to_1_client"] = r["throughput_tok_s"] / base_tp if base_tp else float("nan")
         print(f"{r['clients']:>7} {r['requests']:>5} {r['errors']:>4} {r['throughput_tok_s']:>8.1f} "
               f"{r['ratio_to_1_client']:>9.2f}x {r['ttft_p50_s']:>8.3f}s {r['ttft_p99_s']:>8.3f}s "
-              f"{r['latency_p50_s']:>7.2f}s {r['latency_p99_s']:>7.2f}s {r['per_client_tok_s']:>12.1f}")
+              f"{r['latency_p50_s']:>7.2f}s {r['latency_p99_s']:>7.2f}s {r['per_client_tok_s']:>12.1f} "
+              f"{r['step_ms']:>8.1f} {r['engine_busy']:>5.0%}")
         if r["first_error"]:
             print(f"        first error: {r['first_error']}")
     if args.json:
