@@ -586,6 +586,23 @@ def test_draw_is_the_inverse_cdf_and_never_picks_a_zero_probability_token():
     assert draw(lp, torch.tensor([1 - 2**-53], dtype=torch.float64)).tolist() == [1]
 
 
+def test_draw_matches_a_flat_inverse_cdf_in_numpy():
+    g = torch.Generator().manual_seed(5)
+    lp = torch.randn(400, 1000, generator=g) * 2  # 1000 is not a multiple of the draw's block size
+    lp[::3, 200:900] = -INF  # whole blocks without mass
+    lp[1::5, :990] = -INF  # mass only at the very end
+    lp = torch.log_softmax(lp, -1)
+    u = torch.rand(400, generator=g, dtype=torch.float64)
+    u[:20] = 1 - 2**-53
+    got = draw(lp, u).numpy()
+    probs = torch.softmax(lp, -1).double().numpy()
+    cdf = np.cumsum(probs, axis=1)
+    want = [int(np.searchsorted(c, ui * c[-1], side="right")) for c, ui in zip(cdf, u.numpy(), strict=True)]
+    want = [w if w < 1000 else int(np.flatnonzero(pr)[-1]) for w, pr in zip(want, probs, strict=True)]
+    assert got.tolist() == want
+    assert (probs[np.arange(400), got] > 0).all()
+
+
 def test_logprobs_raw_and_processed():
     x = t([LOGITS4 + [-2.0], LOGITS4 + [-2.0]])
     params = [SamplingParams(top_k=2, logprobs=3),
@@ -651,6 +668,21 @@ def test_same_seed_same_tokens_whatever_the_batch():
         assert _run_steps(params, seeds, logits)[pos] == alone
     assert _run_steps([p], [1235], row)[0] != alone
     assert _run_steps([p], [derive_seed(1234, 1)], row)[0] != _run_steps([p], [derive_seed(1234, 0)], row)[0]
+
+
+def test_same_seed_same_tokens_on_the_compact_and_the_full_path():
+    V = 300
+    row = torch.randn(1, V, generator=torch.Generator().manual_seed(4)) * 2
+    p = SamplingParams(top_k=40, top_p=0.9, temperature=0.9, presence_penalty=0.5)
+    alone = _run_steps([p], [99], row, steps=30)[0]  # compact path (every sampled row uses top-k)
+    assert batch_of(p, vocab=V).compact_k == 40
+    for other in (SamplingParams(), SamplingParams(top_k=250), SamplingParams(temperature=0)):
+        for pos in (0, 1):
+            params, seeds = [other, other], [5, 6]
+            params[pos], seeds[pos] = p, 99
+            logits = torch.randn(2, V, generator=torch.Generator().manual_seed(pos))
+            logits[pos] = row[0]
+            assert _run_steps(params, seeds, logits, steps=30)[pos] == alone
 
 
 def test_uniforms_match_a_scalar_splitmix64():

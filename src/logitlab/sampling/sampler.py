@@ -18,9 +18,18 @@ Fixed order, per step, for all rows at once (each row with its own parameters, a
 
 Stages no row needs are skipped entirely (``SamplingBatch.uses``); rows whose knob is off pass through
 a stage unchanged. Nothing loops over rows or the vocabulary in Python, except ``SamplingBatch.build``
-(once per batch composition) and the conversion of the explainer trace to Python at the end. Only top-p
-and typical sort, only the rows that use them, and with a bounded topk instead of a full sort when few
-tokens are left (e.g. after top-k).
+(once per batch composition) and the conversion of the explainer trace to Python at the end.
+
+Cost (see ``bench_sampler``): no full sort unless unavoidable.
+* top-k: one ``torch.topk`` with the batch's largest k. When every sampled row uses top-k (k <= 4096),
+  the pipeline continues on those ``[B, K]`` candidates only ("compact path": temperature, top-p, ...,
+  the draw), kept in token-id order so that a uniform picks exactly the token it would pick over the
+  whole row; ``process`` scatters the result back to ``[B, V]``. A tie at some row's k-th value (rare
+  with real logits) sends the step down the full path, which resolves it by token id.
+* top-p and typical look only at the rows that use them, through ``topk(256)``, then ``topk(4096)``,
+  and sort the row only when those candidates do not yet hold the required mass (exactly the sort's
+  result either way). min-p, epsilon and eta need no ordering at all.
+* Seeded draws: one float64 cumsum + searchsorted per row, no ``torch.multinomial``.
 
 Logprobs: ``raw`` = log_softmax of the model's logits (after step 0), ``processed`` = log of the final
 distribution the token was drawn from (greedy rows: 0 for the argmax). Both are returned; each row's
@@ -226,19 +235,23 @@ def _counts(b: SamplingBatch, output_counts, prompt_counts, like: torch.Tensor):
 
 @dataclass
 class _Final:
-    """The final distribution: log-probabilities over the whole vocabulary (``ids`` None), or over a
-    compact set of candidate columns ``ids [B, K]`` (after top-k). Columns that repeat an id carry
-    -inf in all but one place."""
+    """The final distribution as unnormalised logits ``x`` (-inf where removed), over the whole vocabulary
+    (``ids`` None) or over compact candidate columns ``ids [B, K]`` (after top-k; a column repeating an
+    id is -inf). Failed rows hold zeros in ``x`` (finite arithmetic) and are reported all -inf."""
 
-    lp: torch.Tensor  # [B, V] or [B, K]
+    x: torch.Tensor  # [B, V] or [B, K]
     ids: torch.Tensor | None
+    failed: torch.Tensor  # [B] bool
+    any_failed: bool
     vocab_size: int
 
-    def full(self) -> torch.Tensor:
-        if self.ids is None:
-            return self.lp
-        out = self.lp.new_full((self.lp.shape[0], self.vocab_size), NEG_INF)
-        return out.scatter_reduce_(-1, self.ids, self.lp, reduce="amax")
+    def logprobs(self) -> torch.Tensor:
+        """[B, V] normalised log-probabilities (what ``process`` returns)."""
+        lp = torch.log_softmax(self.x, -1)
+        if self.ids is not None:
+            full = lp.new_full((lp.shape[0], self.vocab_size), NEG_INF)
+            lp = full.scatter_reduce_(-1, self.ids, lp, reduce="amax")
+        return lp.masked_fill(self.failed.unsqueeze(-1), NEG_INF) if self.any_failed else lp
 
     def tokens(self, columns: torch.Tensor) -> torch.Tensor:
         return columns if self.ids is None else self.ids.gather(-1, columns.unsqueeze(-1)).squeeze(-1)
@@ -327,10 +340,7 @@ def _pipeline(logits: torch.Tensor, b: SamplingBatch, output_counts, prompt_coun
             ids = torch.where(g, argmax.unsqueeze(-1).expand_as(ids), ids)
             x = torch.where(g, _onehot(x, torch.zeros_like(argmax)), x)
 
-    final = raw if x is raw_x else torch.log_softmax(x, -1)
-    if any_failed:
-        final = final.masked_fill(failed.unsqueeze(-1), NEG_INF)
-    return _Final(final, ids, V), raw, failed
+    return _Final(x, ids, failed, any_failed, V), raw, failed
 
 
 def _onehot(like: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -346,22 +356,41 @@ def process(logits: torch.Tensor, batch: SamplingBatch, output_counts: torch.Ten
     beam search and the distribution views; ``draw(process(...), u)`` is what ``sample`` does."""
     final, _, _ = _pipeline(logits, batch, output_counts, prompt_counts, num_generated, _Tracer(False),
                             want_raw=False)
-    return final.full()
+    return final.logprobs()
+
+
+DRAW_BLOCK = 256
 
 
 def draw(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw, one uniform in [0, 1) per row: the first column whose float64 cumulative mass
-    exceeds u * total. Only a column with positive probability can be returned (``logprobs`` need not be
-    normalised; NaN counts as -inf, +inf as the largest float). A row with no mass returns column 0."""
+    """Inverse-CDF draw, one uniform in [0, 1) per row: the first column whose cumulative mass (float64)
+    exceeds u * total. ``logprobs`` [B, C] need not be normalised; NaN counts as -inf, +inf as the
+    largest float. Only a column with positive probability is returned; a row with no mass returns 0."""
     lp = logprobs.nan_to_num(nan=NEG_INF, neginf=NEG_INF)  # +inf -> the dtype's max
-    probs = torch.softmax(lp, dim=-1).nan_to_num(0.0)  # = exp(lp) / total, and fast with -inf entries
-    cdf = probs.double().cumsum(-1)
-    target = uniforms.to(cdf.dtype).reshape(-1, 1) * cdf[:, -1:]
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    over = idx >= cdf.shape[-1]  # u * total rounded up to the total: take the last column with mass
-    if bool(over.any()):
-        idx = torch.where(over, cdf.argmax(-1), idx)  # first column reaching the total
-    return idx
+    return _draw(torch.softmax(lp, dim=-1).nan_to_num_(0.0), uniforms)  # softmax: fast with -inf
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF of non-negative ``probs [B, C]`` in two levels: the cumulative sum (float64) of the
+    sums of blocks of DRAW_BLOCK columns picks the block, the cumulative sum (float64) inside that block
+    picks the column -- the column one flat float64 cumsum would pick, up to rounding at a boundary, and
+    without any [B, C] float64 tensor. (Block sums are float32 cascade sums: relative error ~1e-7, the
+    precision of the float32 probabilities themselves; a flat float32 cumsum would drift by ~C * 6e-8.)"""
+    B, C = probs.shape
+    S = min(DRAW_BLOCK, C)
+    nb = -(-C // S)
+    if nb * S != C:
+        probs = torch.nn.functional.pad(probs, (0, nb * S - C))
+    blocks = probs.reshape(B, nb, S)
+    bcdf = blocks.sum(-1).to(torch.float64).cumsum(-1)  # [B, nb]
+    target = u.to(torch.float64).reshape(B, 1) * bcdf[:, -1:]
+    bi = torch.searchsorted(bcdf, target, right=True)  # [B, 1]: first block whose cumulative mass > target
+    bi = torch.where(bi >= nb, bcdf.argmax(-1, keepdim=True), bi)  # u * total rounded up: last block w/ mass
+    before = torch.where(bi > 0, bcdf.gather(-1, (bi - 1).clamp(min=0)), 0.0)
+    inner = blocks.gather(1, bi.unsqueeze(-1).expand(B, 1, S)).squeeze(1).to(torch.float64).cumsum(-1)
+    j = torch.searchsorted(inner, target - before, right=True)
+    j = torch.where(j >= S, inner.argmax(-1, keepdim=True), j)  # rounding: the block's last column w/ mass
+    return (bi * S + j).squeeze(-1)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, *, output_counts: torch.Tensor | None = None,
@@ -380,24 +409,30 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, *, output_counts: torch.T
     tracer = _Tracer(explain)
     final, raw, failed = _pipeline(logits, batch, output_counts, prompt_counts, num_generated, tracer)
     u = uniforms if uniforms is not None else rng_uniforms(batch.seeds, num_generated)
-    cols = draw(final.lp, u)
+    probs = torch.softmax(final.x, -1)  # final.x has no NaN / +inf, and a finite entry in every row
+    cols = _draw(probs, u)
     tokens = final.tokens(cols)
-    proc_lp = final.lp.gather(-1, cols.unsqueeze(-1)).squeeze(-1)  # -inf for failed rows
-    if bool(failed.any()):  # a valid id all the same: the model's own favourite
+    # log of the final distribution without a [B, V] log_softmax: lse = max_i x_i - log(max_i p_i)
+    lse = final.x.amax(-1) - probs.amax(-1).log()
+    proc_lp = final.x.gather(-1, cols.unsqueeze(-1)).squeeze(-1) - lse
+    if final.any_failed:  # no token was allowed: a valid id all the same, the model's own favourite
         tokens = torch.where(failed, raw.argmax(-1), tokens)
+        proc_lp = proc_lp.masked_fill(failed, NEG_INF)
     raw_lp = raw.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     mode = batch.processed_logprobs
     top_ids = top_lps = None
     n = min(int(num_logprobs), V)
     if n > 0:
-        if bool(mode.all()):
-            top_lps, top_ids = final.full().topk(n, -1)
-        elif not bool(mode.any()):
+        if not bool(mode.any()):
             top_lps, top_ids = raw.topk(n, -1)
         else:
-            (r_v, r_i), (p_v, p_i), m = raw.topk(n, -1), final.full().topk(n, -1), mode.unsqueeze(-1)
-            top_ids, top_lps = torch.where(m, p_i, r_i), torch.where(m, p_v, r_v)
-    trace = _trace(tracer, final.full(), tokens) if explain else None
+            p_v, p_i = final.logprobs().topk(n, -1)
+            if bool(mode.all()):
+                top_lps, top_ids = p_v, p_i
+            else:
+                (r_v, r_i), m = raw.topk(n, -1), mode.unsqueeze(-1)
+                top_ids, top_lps = torch.where(m, p_i, r_i), torch.where(m, p_v, r_v)
+    trace = _trace(tracer, final.logprobs(), tokens) if explain else None
     return SamplerOutput(tokens=tokens, logprobs=torch.where(mode, proc_lp, raw_lp), raw_logprobs=raw_lp,
                          processed_logprobs=proc_lp, top_ids=top_ids, top_logprobs=top_lps, failed=failed,
                          trace=trace)
