@@ -208,7 +208,15 @@ def report(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from .weights import DEFAULT_MODEL
 
-    p = argparse.ArgumentParser(prog="logitlab bench")
+    if argv and argv[0] == "--server":  # the serving benchmark lives in the repository's bench/
+        import runpy
+        from pathlib import Path
+
+        script = Path(__file__).resolve().parents[2] / "bench" / "server_bench.py"
+        if not script.exists():
+            raise ValueError("bench: --server needs the repository checkout (bench/server_bench.py)")
+        return runpy.run_path(str(script))["main"](argv[1:])
+    p = argparse.ArgumentParser(prog="logitlab bench", epilog="`logitlab bench --server -h`: serving benchmark")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="int8", choices=["float32", "bfloat16", "int8"])
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
