@@ -16,18 +16,37 @@ def tiny_config(vocab_size: int = 101, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a Llama checkpoint, in Hugging Face names (what our loaders produce), in the
+    order a Hugging Face model lists them (lm_head last, listed even when tied)."""
+    c, f, d = config.hidden_size, config.intermediate_size, config.head_dim
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, c)}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (c,),
+            p + "self_attn.q_proj.weight": (config.num_heads * d, c),
+            p + "self_attn.k_proj.weight": (config.num_kv_heads * d, c),
+            p + "self_attn.v_proj.weight": (config.num_kv_heads * d, c),
+            p + "self_attn.o_proj.weight": (c, config.num_heads * d),
+            p + "post_attention_layernorm.weight": (c,),
+            p + "mlp.gate_proj.weight": (f, c), p + "mlp.up_proj.weight": (f, c), p + "mlp.down_proj.weight": (c, f),
+        })
+    shapes["model.norm.weight"] = (c,)
+    shapes["lm_head.weight"] = (config.vocab_size, c)
+    return shapes
+
+
 def tiny_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(config).state_dict().items()}
     sd = {}
-    for name, shape in shapes.items():
+    for name, shape in hf_shapes(config).items():
         if name.endswith("norm.weight") or "layernorm" in name:
             sd[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
         else:
             sd[name] = torch.randn(shape, generator=g) * (0.5 if "embed" in name else 0.15)
     if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
+        sd.pop("lm_head.weight")
     return sd
 
 

@@ -32,9 +32,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 whatever the weight dtype (as the reference does), then scale.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_tables(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,16 +77,18 @@ class Attention(nn.Module):
         super().__init__()
         c, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
-        self.q_proj = nn.Linear(c, h * d, bias=False)
-        self.k_proj = nn.Linear(c, k * d, bias=False)
-        self.v_proj = nn.Linear(c, k * d, bias=False)
+        # W_q, W_k, W_v stacked into one matrix: one matmul instead of three per layer (decode is a
+        # matrix-vector product per weight, so fewer, larger calls waste less time between them).
+        self.qkv_proj = nn.Linear(c, (h + 2 * k) * d, bias=False)
         self.o_proj = nn.Linear(h * d, c, bias=False)
 
     def forward(self, x, cos, sin, mask, layer_cache, rows, positions, key_len):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
+        H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        v = v.view(B, T, K, D)  # [B, T, K, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is None:
             keys, values = k, v.transpose(1, 2)  # attend to the given tokens only
@@ -107,12 +107,12 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         c, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(c, f, bias=False)
-        self.up_proj = nn.Linear(c, f, bias=False)
+        self.gate_up_proj = nn.Linear(c, 2 * f, bias=False)  # W_gate and W_up stacked: one matmul
         self.down_proj = nn.Linear(f, c, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -128,9 +128,22 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def fuse_state_dict(state_dict: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Hugging Face names -> ours: stack q/k/v into qkv_proj and gate/up into gate_up_proj."""
+    sd = dict(state_dict)
+    for i in range(num_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        if a + "q_proj.weight" in sd:
+            sd[a + "qkv_proj.weight"] = torch.cat([sd.pop(a + n + "_proj.weight") for n in "qkv"])
+        if m + "gate_proj.weight" in sd:
+            sd[m + "gate_up_proj.weight"] = torch.cat([sd.pop(m + "gate_proj.weight"), sd.pop(m + "up_proj.weight")])
+    return sd
+
+
 class Transformer(nn.Module):
-    """Parameter names follow Hugging Face's Llama (``model.layers.0.self_attn.q_proj.weight`` ...), so a
-    state dict from any of our loaders drops in with ``load_state_dict``."""
+    """Parameter names follow Hugging Face's Llama (``model.layers.0.self_attn.o_proj.weight`` ...), except
+    that q/k/v and gate/up are stacked (``qkv_proj``, ``gate_up_proj``); ``from_state_dict`` takes a
+    state dict in Hugging Face names from any of our loaders and stacks them."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -150,7 +163,7 @@ class Transformer(nn.Module):
     def from_state_dict(cls, config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype=torch.float32):
         with torch.device("meta"):
             model = cls(config)
-        sd = dict(state_dict)
+        sd = fuse_state_dict(state_dict, config.num_layers)
         if config.tie_word_embeddings:
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         model.load_state_dict(sd, strict=True, assign=True)
