@@ -50,11 +50,6 @@ def _truncate(logits: torch.Tensor, active: torch.Tensor, keep_fn, *params: torc
     return logits.masked_fill(remove, NEG_INF)
 
 
-def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
-    """[x0, x1, x2, ...] -> [0, x0, x0 + x1, ...] along the last dimension."""
-    return torch.nn.functional.pad(x.cumsum(-1)[..., :-1], (1, 0))
-
-
 def _crossing_key(key: torch.Tensor, probs: torch.Tensor, mass: torch.Tensor, largest: bool) -> torch.Tensor:
     """Order each row's tokens by ``key`` (decreasing if ``largest``) and accumulate their ``probs``: the
     key of the token at which the cumulative mass first reaches ``mass`` ([b, 1]). Mass is summed in
