@@ -335,7 +335,10 @@ def _pipeline(logits: torch.Tensor, b: SamplingBatch, output_counts, prompt_coun
     if argmax is not None:
         g = b.greedy.unsqueeze(-1)
         if ids is None:
-            stage("greedy", lambda v: torch.where(g, _onehot(v, argmax), v))
+            if bool(b.greedy.all()):
+                stage("greedy", lambda v: _onehot(v, argmax))
+            else:
+                stage("greedy", lambda v: torch.where(g, _onehot(v, argmax), v))
         else:  # one-hot in the compact form: the argmax in every column, 0 in the first, -inf elsewhere
             ids = torch.where(g, argmax.unsqueeze(-1).expand_as(ids), ids)
             x = torch.where(g, _onehot(x, torch.zeros_like(argmax)), x)
