@@ -7,6 +7,17 @@ Every generation request goes through ``Engine.make_requests`` (validation, toke
 engine's scheduler, which one background thread drives (``runner.Runner``): concurrent HTTP requests
 join the running decode batch at the next step (continuous batching). Errors are OpenAI error objects;
 no input from a client yields a 500 (a 500 means a bug in logitlab).
+
+Issue-4 request fields (both endpoints; see ``schemas.DRIVER_FIELDS``): a structured-output constraint
+alone (``guided_json`` / ``guided_regex`` / ``guided_grammar``, chat's ``response_format``) is compiled
+once and handed to ``Engine.make_requests``, so those requests stream and batch like any other. The other
+drivers (``beam_width``, ``contrastive``, ``speculative``, ``guided_choice``, each possibly with a
+constraint) run whole on the runner thread (``Runner.call``, between two scheduler steps, so they never
+race it) and answer in one piece; with ``stream: true`` that piece is sent as SSE chunks (one per choice,
+then one with no choices carrying the extra fields ``beam`` / ``speculative`` / ``choice`` /
+``contrastive``, then ``[DONE]``). The server reads no files for these fields and loads no other model:
+``contrastive.amateur`` must be ``early-exit:K``; ``speculative.draft`` one of ``early-exit:K``,
+``ngram``, ``ngram:N``, ``int8``.
 """
 
 from __future__ import annotations
@@ -16,6 +27,8 @@ import hmac
 import json
 import logging
 import math
+import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..decoding.cli_ext import Issue4Options, generate_issue4
 from ..engine import Completion, GenerationResult
 from ..openai_format import completion_logprobs, completion_response
 from ..sampling import ParamError, SamplingParams
@@ -264,7 +278,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         except (TypeError, ValueError) as e:
             raise APIError(400, f"invalid sampling parameters: {e}", code="invalid_value") from None
 
-    def make_groups(prompts: list, params: SamplingParams) -> list:
+    def make_groups(prompts: list, params: SamplingParams, constraint=None) -> list:
         total = len(prompts) * params.n
         if total > max_queue:
             raise ParamError("prompt", f"{len(prompts)} prompts x n={params.n} = {total} requests; "
@@ -274,7 +288,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         groups = []
         for p in prompts:
             try:
-                groups.append(engine.make_requests(p, params))
+                groups.append(engine.make_requests(p, params, constraint))
             except ParamError:
                 raise
             except (UnicodeError, TypeError, ValueError, OverflowError) as e:
@@ -347,6 +361,87 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         ct = sum(len(r.output_ids) for g in groups for r in g)
         return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
 
+    # ---- issue 4: search, structured output, contrastive and speculative decoding ------------
+    def driver_options(body) -> tuple[Issue4Options | None, object]:
+        """(options, constraint spec or None) from the request's issue-4 fields; (None, None) without."""
+        data = {}
+        for f in schemas.DRIVER_FIELDS:
+            v = getattr(body, f, None)
+            if v is not None:
+                data[f] = v.model_dump(exclude_none=True, by_alias=True) if isinstance(v, BaseModel) else v
+        rf = data.get("response_format")
+        if rf is not None and rf["type"] == "json_schema" and not (rf.get("json_schema") or {}).get("schema"):
+            raise ParamError("response_format", "type json_schema needs json_schema.schema (a JSON schema object)")
+        if rf is not None and rf["type"] != "text" and "guided_json" in data:
+            raise ParamError("guided_json", "give guided_json or response_format, not both")
+        if rf is not None and rf["type"] == "json_object":
+            # xgrammar's builtin JSON grammar takes any JSON value with free whitespace; OpenAI's json_object
+            # means an object, and the compact schema grammar keeps small models out of endless whitespace
+            data["response_format"] = {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}
+        for f in ("guided_json", "guided_grammar"):
+            v = data.get(f)
+            if isinstance(v, str) and v.strip() and not v.lstrip().startswith(("{", "[")) and os.path.exists(v):
+                raise ParamError(f, "must be the schema or grammar itself (this server reads no files)")
+        choice = data.get("guided_choice")
+        if choice is not None and (not choice or not all(choice)):
+            raise ParamError("guided_choice", "needs at least one choice, each a non-empty string")
+        amateur = (data.get("contrastive") or {}).get("amateur")
+        if amateur is not None and not _AMATEUR.fullmatch(amateur):
+            raise ParamError("contrastive", f"amateur must be early-exit:K on this server, got {amateur!r}")
+        draft = (data.get("speculative") or {}).get("draft")
+        if draft is not None and not _DRAFT.fullmatch(draft):
+            raise ParamError("speculative", f"draft must be early-exit:K, ngram, ngram:N or int8 on this server, "
+                                            f"got {draft!r}")
+        if "length_penalty" in data and "beam_width" not in data:
+            raise ParamError("length_penalty", "applies to beam search only (set beam_width)")
+        with _driver_errors(rf):
+            opts = Issue4Options.from_request(data)
+            if not opts.requested():
+                return None, None
+            opts.validate()
+            return opts, opts.spec()
+
+    def is_streamable(opts: Issue4Options) -> bool:
+        """A constraint alone: it runs in the scheduler's continuous batch."""
+        return not (opts.beam_width is not None or opts.contrastive_amateur or opts.speculative or opts.choice)
+
+    async def compile_spec(spec, rf):
+        from ..decoding.constraints import compile_constraint
+
+        with _driver_errors(rf):  # xgrammar compiles off the event loop (and off the runner thread)
+            return await asyncio.to_thread(compile_constraint, spec, engine)
+
+    def encode(p, field: str = "prompt") -> list[int]:
+        try:
+            return engine.encode_prompt(p)
+        except ParamError:
+            raise
+        except (UnicodeError, TypeError, ValueError, OverflowError) as e:
+            raise ParamError(field, f"cannot be tokenized: {e}") from None
+
+    async def run_drivers(prompts: list, params: SamplingParams, opts: Issue4Options, rf, t0: float):
+        """Every prompt through ``generate_issue4`` on the runner thread: [(GenerationResult, extra)]."""
+        if not prompts:
+            raise ParamError("prompt", "must not be empty")
+        ids = [encode(p) for p in prompts]
+
+        def work():
+            return [generate_issue4(engine, i, params, opts) for i in ids]
+
+        with _driver_errors(rf):
+            out = await asyncio.wrap_future(runner.call(work))
+        metrics.record_ttft(time.perf_counter() - t0)
+        metrics.record_tokens(prompt=sum(len(i) for i in ids),
+                              generated=sum(len(c.token_ids) for r, _ in out for c in r.choices))
+        return out
+
+    def merged_extra(out: list, spec) -> dict:
+        extras = [e for _, e in out]
+        extra = dict(extras[0]) if len(extras) == 1 else {k: [e.get(k) for e in extras] for k in extras[0]}
+        if spec is not None:
+            extra["constraint"] = spec.kind
+        return extra
+
     # ---- routes: completions -----------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -358,7 +453,18 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         want_lp = body.logprobs is not None
         params = sampling_params(body, max_tokens=body.max_tokens if body.max_tokens is not None else 16,
                                  logprobs=body.logprobs, echo=body.echo)
-        groups = make_groups(prompts, params)
+        opts, spec = driver_options(body)
+        constraint = None
+        if opts is not None and not is_streamable(opts):
+            out = await run_drivers(prompts, params, opts, None, t0)
+            resp = completion_response(tok, model, [r for r, _ in out], echo=bool(body.echo), logprobs=want_lp,
+                                       extra=merged_extra(out, spec))
+            if body.stream:
+                return _sse_response(replay_completion(resp, _include_usage(body)))
+            return _json(resp)
+        if spec is not None:
+            constraint = await compile_spec(spec, None)
+        groups = make_groups(prompts, params, constraint)
         stream, requests = submit(groups)
         n = params.n
         texts = [prompt_text(p) for p in prompts]
@@ -373,7 +479,22 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             raise err
         results = [GenerationResult(text, g[0].prompt_ids, [_completion(r) for r in g])
                    for text, g in zip(texts, groups, strict=True)]
-        return _json(completion_response(tok, model, results, echo=bool(body.echo), logprobs=want_lp))
+        return _json(completion_response(tok, model, results, echo=bool(body.echo), logprobs=want_lp,
+                                         extra={"constraint": spec.kind} if spec is not None else None))
+
+    async def replay_completion(resp: dict, include_usage: bool):
+        """A finished (driver) completion as SSE: one chunk per choice, one with the extra fields."""
+        head = {k: resp[k] for k in ("id", "object", "created", "model")}
+        for choice in resp["choices"]:
+            out = {**head, "choices": [choice]}
+            if include_usage:
+                out["usage"] = None
+            yield sse(out)
+        tail = {**head, "choices": [], **{k: v for k, v in resp.items() if k not in (*head, "choices", "usage")}}
+        if include_usage:
+            tail["usage"] = resp["usage"]
+        yield sse(tail)
+        yield "data: [DONE]\n\n"
 
     async def stream_completions(request, stream, requests, groups, texts, model, n, echo, want_lp,
                                  include_usage, t0):
@@ -448,8 +569,22 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             max_tokens = max(1, engine.max_len - n_prompt)
         lp = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(body, max_tokens=max_tokens, logprobs=lp)
+        rf = body.response_format
+        opts, spec = driver_options(body)
+        constraint = None
+        if opts is not None and not is_streamable(opts):
+            if body.top_logprobs:
+                raise ParamError("top_logprobs", "is not available with beam_width, contrastive, speculative or "
+                                                 "guided_choice (logprobs=true alone is)")
+            out = await run_drivers([prompt], params, opts, rf, t0)
+            resp = driver_chat_response(out[0][0], model, bool(body.logprobs), merged_extra(out, spec))
+            if body.stream:
+                return _sse_response(replay_chat(resp, _include_usage(body)))
+            return _json(resp)
+        if spec is not None:
+            constraint = await compile_spec(spec, rf)
         try:
-            groups = make_groups([prompt], params)
+            groups = make_groups([prompt], params, constraint)
         except ParamError as e:
             if getattr(e, "field", None) == "logprobs":
                 raise APIError(400, str(e), param="top_logprobs", code="invalid_value") from None
@@ -475,9 +610,50 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             if r.error:
                 choice["error"] = r.error
             choices.append(choice)
-        return _json({"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-                      "created": int(time.time()), "model": model, "choices": choices,
-                      "usage": usage(groups)})
+        resp = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+                "created": int(time.time()), "model": model, "choices": choices, "usage": usage(groups)}
+        if spec is not None:
+            resp["constraint"] = spec.kind
+        return _json(resp)
+
+    def driver_chat_response(res: GenerationResult, model: str, want_lp: bool, extra: dict) -> dict:
+        choices = []
+        for c in res.choices:
+            choice = {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                      "logprobs": {"content": _chat_logprobs(tok, c.token_ids, c.token_logprobs, c.top_logprobs)}
+                      if want_lp else None, "finish_reason": c.finish_reason}
+            if c.error:
+                choice["error"] = c.error
+            choices.append(choice)
+        pt, ct = len(res.prompt_ids), sum(len(c.token_ids) for c in res.choices)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+                "model": model, "choices": choices,
+                "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}, **extra}
+
+    async def replay_chat(resp: dict, include_usage: bool):
+        """A finished (driver) chat completion as SSE chunks: per choice the role, the whole content and
+        the finish reason; then one chunk with no choices carrying the extra fields."""
+        head = {"id": resp["id"], "object": "chat.completion.chunk", "created": resp["created"],
+                "model": resp["model"]}
+
+        def chunk(choice):
+            out = {**head, "choices": [choice]}
+            if include_usage:
+                out["usage"] = None
+            return sse(out)
+
+        for c in resp["choices"]:
+            yield chunk({"index": c["index"], "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None})
+            yield chunk({"index": c["index"], "delta": {"content": c["message"]["content"]},
+                         "logprobs": c["logprobs"], "finish_reason": None})
+            yield chunk({"index": c["index"], "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]})
+        skip = ("id", "object", "created", "model", "choices", "usage")
+        tail = {**head, "choices": [], **{k: v for k, v in resp.items() if k not in skip}}
+        if include_usage:
+            tail["usage"] = resp["usage"]
+        yield sse(tail)
+        yield "data: [DONE]\n\n"
 
     async def stream_chat(request, stream, requests, groups, model, want_lp, include_usage, t0):
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -621,6 +797,34 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
 
 
 # ---- module helpers ------------------------------------------------------------------------------
+
+_AMATEUR = re.compile(r"early-exit:\d+")
+_DRAFT = re.compile(r"early-exit:\d+|ngram(:\d+)?|int8")
+# the drivers' parameter names -> the request fields they come from
+_DRIVER_PARAM = {"regex": "guided_regex", "grammar": "guided_grammar", "choice": "guided_choice",
+                 "json_schema": "guided_json", "json_object": "response_format", "constraint": "guided_json",
+                 "contrastive_amateur": "contrastive", "contrastive_alpha": "contrastive",
+                 "amateur_temperature": "contrastive", "num_speculative_tokens": "speculative"}
+
+
+class _driver_errors:
+    """Rename the drivers' ParamError fields to the request's (``regex`` -> ``guided_regex``, ...);
+    ``rf``: the request has a response_format (a schema then comes from it, not from guided_json)."""
+
+    def __init__(self, rf=None):
+        self.rf = rf
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        if isinstance(e, ParamError):
+            field = _DRIVER_PARAM.get(e.field, e.field)
+            if self.rf is not None and field in ("guided_json",):
+                field = "response_format"
+            if field != e.field:
+                raise ParamError(field, e.reason) from None
+        return False
 
 def _finite(x):
     """JSON has no infinities: -inf (a logprob of a removed token) becomes -9999.0, as in OpenAI's API;

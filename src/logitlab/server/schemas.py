@@ -23,6 +23,23 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
+class Contrastive(BaseModel):
+    """Contrastive decoding: ``amateur`` is ``early-exit:K`` (the expert's own first K layers)."""
+
+    model_config = _STRICT
+    amateur: str
+    alpha: float | None = None
+
+
+class Speculative(BaseModel):
+    """Speculative decoding: ``draft`` is ``early-exit:K``, ``ngram`` / ``ngram:N`` or ``int8``;
+    ``num_tokens`` tokens are drafted per round."""
+
+    model_config = _STRICT
+    draft: str
+    num_tokens: int | None = None
+
+
 class _Sampling(BaseModel):
     """The fields both completion endpoints share: OpenAI's, then logitlab's extensions (the names of
     the core engine's ``SamplingParams``)."""
@@ -59,6 +76,20 @@ class _Sampling(BaseModel):
     banned_token_ids: list[int] | None = None
     logprobs_mode: Literal["raw", "processed"] | None = None
     explain: bool | None = None
+    # issue 4: search, structured output, contrastive and speculative decoding (see app.py)
+    beam_width: int | None = None
+    length_penalty: float | None = None
+    contrastive: Contrastive | None = None
+    speculative: Speculative | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+
+# The issue-4 fields (read by ``decoding.cli_ext.Issue4Options.from_request``), chat adds response_format.
+DRIVER_FIELDS = ("beam_width", "length_penalty", "contrastive", "speculative", "guided_json", "guided_regex",
+                 "guided_choice", "guided_grammar", "response_format")
 
 
 # Fields passed to SamplingParams under the same name (when the client sets them).
@@ -96,8 +127,26 @@ class Message(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = _STRICT
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or
+    ``json_schema`` (``json_schema.schema``)."""
+
+    model_config = _STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    response_format: ResponseFormat | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
