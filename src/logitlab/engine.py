@@ -66,9 +66,27 @@ class ScoreResult:
         return math.exp(-self.total_logprob / max(1, len(self.tokens)))
 
 
+def _keep_freed_memory() -> None:
+    """Stop glibc from returning freed memory to the OS after every step: each decode step allocates
+    [batch, vocab] tensors, and re-faulting their pages cost more than the sampling itself (~4-5 ms per
+    step at batch 8, measured). Trim threshold 256 MiB; mmap threshold 32 MiB (glibc's maximum), so
+    per-step tensors come from the heap and stay mapped. A no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_trim_threshold, 256 << 20)
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model",
                  max_batch: int = 32, max_len: int = 2048, use_cache: bool = True):
+        _keep_freed_memory()
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.config = model.config
         self.max_len = min(max_len, self.config.context_length)
