@@ -206,3 +206,15 @@ def test_chat_guided_json_and_response_format_conflict(client):
 def test_completions_have_no_response_format(client):
     body = _bad(lambda: _complete(client, {"response_format": {"type": "json_object"}}, max_tokens=4))
     assert body["param"] == "response_format" and body["code"] == "unknown_parameter"
+
+
+def test_beam_with_constraint_and_driver_logprobs(client):
+    r = _complete(client, {"beam_width": 3, "guided_regex": r"(red|green|blue)!"}, max_tokens=8, n=2, temperature=0)
+    assert all(re.fullmatch(r"(red|green|blue)!", c.text) for c in r.choices), [c.text for c in r.choices]
+    assert r.model_extra["constraint"] == "regex" and len(r.model_extra["beam"]["scores"]) == 2
+    r = _complete(client, {"speculative": {"draft": "ngram"}, "ignore_eos": True}, max_tokens=5, temperature=0,
+                  logprobs=1)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 5 and all(x <= 0 for x in lp.token_logprobs)
+    r = _chat(client, {"beam_width": 2}, max_tokens=4, temperature=0, logprobs=True)
+    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
