@@ -40,3 +40,13 @@ def test_quantized_model_stays_close_to_float():
     assert ((a - b).abs().max() / a.abs().max()) < 0.08
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean()
     assert agree > 0.8
+
+
+def test_int8_linear_prefill_path_matches_decode_path():
+    """Many rows take the dequantize-then-GEMM path; it must agree with the int8 kernel row by row."""
+    g = torch.Generator().manual_seed(3)
+    q = Int8Linear(torch.randn(40, 32, generator=g))
+    x = torch.randn(1, 64, 32, generator=g)
+    many = q(x).float()  # 64 rows: GEMM path
+    few = torch.cat([q(x[:, i : i + 4]) for i in range(0, 64, 4)], 1).float()  # 4 rows: int8 kernel
+    assert ((many - few).abs().max() / few.abs().max()) < 2e-2

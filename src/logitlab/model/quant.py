@@ -3,8 +3,8 @@
 Decode reads every weight once per token, so it is bound by memory bandwidth: int8 weights move a
 quarter of the bytes of float32. Each row ``w_n`` of a linear layer is stored as ``q_n = round(w_n / s_n)``
 with ``s_n = max|w_n| / 127``; the matmul ``x @ (q * s)^T`` runs in one fused kernel
-(``aten._weight_int8pack_mm``) with bfloat16 activations (the float32 path of that kernel is slow on
-CPU, see PERF_NOTES). The embedding table stays in bfloat16: a lookup reads only the rows it needs.
+(``aten._weight_int8pack_mm``), fed bfloat16 copies of the activations (the float32 path of that kernel
+is ~7x slower on this CPU). The embedding table stays as it is: a lookup reads only the rows it needs.
 """
 
 from __future__ import annotations
@@ -27,9 +27,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
-        return y.view(*shape[:-1], self.out_features)
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] > 16:
+            # Many rows (prefill): compute-bound, where the int8 kernel is slow; dequantizing the weight
+            # once for the call costs 1/rows of the matmul and lets the float32 GEMM do the work.
+            y = torch.nn.functional.linear(x2.float(), self.qweight.float() * self.scale.float()[:, None])
+        else:  # few rows (decode): bandwidth-bound, read a quarter of the bytes
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale)
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scale.float()[:, None]
@@ -37,8 +42,8 @@ class Int8Linear(nn.Module):
 
 def quantize_int8(model: nn.Module) -> nn.Module:
     """In place: every nn.Linear (attention, MLP and the LM head, tied or not) becomes an Int8Linear;
-    everything else is cast to bfloat16."""
-    model.to(torch.bfloat16)
+    activations, norms, the embedding table and the KV cache keep the model's dtype (float32: this
+    CPU build has no fast bfloat16 GEMM, so bfloat16 activations would slow prefill down ~4x)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
