@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+INT8_MAX_ROWS = 4  # measured: beyond ~4 rows the float32 GEMM beats the int8 row-by-row kernel
+
 
 class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor):
@@ -23,21 +25,24 @@ class Int8Linear(nn.Module):
         q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
+        # The int8 kernel is a per-row matrix-vector product: its cost grows linearly with the rows, so
+        # from a handful of rows on (batched decode, prefill) a float32 GEMM over the same dequantized
+        # values is faster. Keeping that copy costs memory (fp32 + int8), not accuracy: both paths
+        # compute with the same quantized weights.
+        self.register_buffer("dequant", q.float() * scale.float()[:, None])
         self.out_features, self.in_features = w.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] > 16:
-            # Many rows (prefill): compute-bound, where the int8 kernel is slow; dequantizing the weight
-            # once for the call costs 1/rows of the matmul and lets the float32 GEMM do the work.
-            y = torch.nn.functional.linear(x2.float(), self.qweight.float() * self.scale.float()[:, None])
-        else:  # few rows (decode): bandwidth-bound, read a quarter of the bytes
+        if x2.shape[0] > INT8_MAX_ROWS:  # batched decode, prefill: a GEMM over the dequantized copy
+            y = torch.nn.functional.linear(x2.float(), self.dequant)
+        else:  # one or a few rows (decode): bandwidth-bound, read a quarter of the bytes
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale.float()[:, None]
+        return self.dequant
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
