@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .decoding.scheduler import Request, Scheduler, TokenEvent
-from .model.quant import quantize_int8
+from .model.store import load_or_build
 from .model.transformer import Transformer
 from .sampling import ParamError, SamplingParams
 from .sampling.rng import derive_seed
 from .tokenizer import Tokenizer
 from .weights import DEFAULT_MODEL, load_weights
+from .weights.registry import cache_dir
 
 # "int8": weight-only int8 matmuls with bfloat16 activations (model/quant.py)
 DTYPES = ("float32", "bfloat16", "int8")
@@ -99,10 +100,7 @@ class Engine:
         if dtype not in DTYPES:
             raise ParamError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
         w = load_weights(model)
-        net = Transformer.from_state_dict(w.config, w.state_dict,
-                                          dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-        if dtype == "int8":
-            net = quantize_int8(net)
+        net = load_or_build(w.config, lambda: w.state_dict, dtype, w.source, cache_dir())
         return cls(net, w.tokenizer, name=w.name, **kwargs)
 
     @property

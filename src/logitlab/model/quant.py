@@ -32,6 +32,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("dequant", q.float() * scale.float()[:, None])
         self.out_features, self.in_features = w.shape
 
+    @classmethod
+    def empty(cls, out_features: int, in_features: int) -> Int8Linear:
+        """Uninitialised buffers of the right shapes and dtypes (to be filled by load_state_dict)."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
+        m.register_buffer("scale", torch.empty(out_features, dtype=torch.bfloat16))
+        m.register_buffer("dequant", torch.empty(out_features, in_features))
+        m.out_features, m.in_features = out_features, in_features
+        return m
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -45,12 +56,14 @@ class Int8Linear(nn.Module):
         return self.dequant
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """In place: every nn.Linear (attention, MLP and the LM head, tied or not) becomes an Int8Linear;
+def quantize_int8(model: nn.Module, empty: bool = False) -> nn.Module:
+    """In place: every nn.Linear (attention, MLP and the LM head, tied or not) becomes an Int8Linear
+    (``empty=True``: with uninitialised buffers, to be loaded from a cache);
     activations, norms, the embedding table and the KV cache keep the model's dtype (float32: this
     CPU build has no fast bfloat16 GEMM, so bfloat16 activations would slow prefill down ~4x)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child.weight))
+                q = Int8Linear.empty(*child.weight.shape) if empty else Int8Linear(child.weight)
+                setattr(module, name, q)
     return model

@@ -38,8 +38,10 @@ class RMSNorm(nn.Module):
 def rope_tables(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [length, D] for positions 0..length-1 (each frequency repeated for both halves)."""
     d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # [length, D/2]
+    # Always on the CPU, even while a model is being built on the meta device (the first arange on meta
+    # costs seconds of one-time set-up, and these tables are small).
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
+    angles = torch.outer(torch.arange(length, dtype=torch.float64, device="cpu"), inv_freq)  # [length, D/2]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
 
@@ -149,7 +151,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Given storage, the table skips its random init (weights always come from a checkpoint, and a
+        # normal_() on the meta device costs seconds of one-time set-up).
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                               _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.model.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
