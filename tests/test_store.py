@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from logitlab.model.store import load_or_build
+
 from tiny import tiny_config, tiny_state_dict
 
 
