@@ -44,3 +44,12 @@ def real_engine(real_weights, real_model):
     return Engine(
         real_model, real_weights.tokenizer, name="smollm2-135m-instruct", max_batch=32, max_len=2048
     )
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads cost 10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,14 +15,7 @@ from logitlab.sampling import ParamError, SamplingParams
 
 from tiny import tiny_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning threads cost 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 P_EXP = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
 P_AMA = torch.tensor([[0.6, 0.1, 0.2, 0.1]])
