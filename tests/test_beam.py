@@ -140,11 +140,11 @@ def test_params_run_through_the_pipeline_and_bad_values_are_named():
 @pytest.mark.real_model
 def test_real_model_beams_and_cli_path(real_engine):
     from logitlab.classify import continuation_logprobs
-    from logitlab.decoding.cli_ext import Issue4Options, generate_issue4
+    from logitlab.decoding.cli_ext import DriverOptions, generate_with_driver
 
     prompt = "The capital of France is"
-    res, extra = generate_issue4(real_engine, prompt, SamplingParams(temperature=0.0, max_tokens=6, n=3),
-                                 Issue4Options(beam_width=3, length_penalty=1.0))
+    res, extra = generate_with_driver(real_engine, prompt, SamplingParams(temperature=0.0, max_tokens=6, n=3),
+                                 DriverOptions(beam_width=3, length_penalty=1.0))
     assert len(res.choices) == 3 and extra["beam"]["scores"] == sorted(extra["beam"]["scores"], reverse=True)
     rescored = continuation_logprobs(real_engine, prompt, [c.token_ids for c in res.choices])
     for lp, lps in zip(extra["beam"]["logprobs"], rescored, strict=True):

@@ -92,43 +92,43 @@ def test_bad_examples_are_named():
         FewShotClassifier([("a", "X"), ("b", "X")])
 
 
-def test_issue4_options_from_cli_flags_and_request_fields():
+def test_driver_options_from_cli_flags_and_request_fields():
     import argparse
 
-    from logitlab.decoding.cli_ext import Issue4Options, add_issue4_commands, apply_issue4_flags
+    from logitlab.decoding.cli_ext import DriverOptions, add_driver_commands, add_driver_flags
 
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command")
     g = sub.add_parser("generate")
     g.add_argument("prompt")
-    apply_issue4_flags(g)
-    add_issue4_commands(sub)
+    add_driver_flags(g)
+    add_driver_commands(sub)
     a = p.parse_args(["generate", "hi", "--beam-width", "3", "--length-penalty", "0.5", "--regex", "[0-9]+"])
-    o = Issue4Options.from_args(a)
+    o = DriverOptions.from_args(a)
     assert o.requested() and o.beam_width == 3 and o.length_penalty == 0.5 and o.spec().kind == "regex"
     a = p.parse_args(["generate", "hi", "--choice", "yes", "--choice", "no"])
-    assert Issue4Options.from_args(a).choice == ["yes", "no"]
-    assert not Issue4Options.from_args(p.parse_args(["generate", "hi"])).requested()
+    assert DriverOptions.from_args(a).choice == ["yes", "no"]
+    assert not DriverOptions.from_args(p.parse_args(["generate", "hi"])).requested()
     a = p.parse_args(["classify", "--example", "a=X", "--example", "b=Y", "c", "d"])
     assert a.inputs == ["c", "d"] and a.example == ["a=X", "b=Y"]
     a = p.parse_args(["demo", "beam", "--plot", "x.png"])
     assert a.name == "beam" and a.plot == "x.png"
 
-    o = Issue4Options.from_request({"speculative": {"draft": "ngram", "num_tokens": 3},
+    o = DriverOptions.from_request({"speculative": {"draft": "ngram", "num_tokens": 3},
                                     "response_format": {"type": "json_object"}})
     assert o.speculative == "ngram" and o.num_speculative_tokens == 3 and o.spec().kind == "json_object"
     with pytest.raises(ParamError, match="speculative"):
         o.validate()  # a draft cannot run under a grammar
-    o = Issue4Options.from_request({"response_format": {"type": "json_schema",
+    o = DriverOptions.from_request({"response_format": {"type": "json_schema",
                                                         "json_schema": {"name": "x", "schema": {"type": "object"}}}})
     assert o.spec().kind == "json_schema"
-    o = Issue4Options.from_request({"guided_choice": ["a", "b"], "beam_width": 2})
+    o = DriverOptions.from_request({"guided_choice": ["a", "b"], "beam_width": 2})
     with pytest.raises(ParamError, match="choice"):
         o.validate()
     with pytest.raises(ParamError, match="guided_choice"):
-        Issue4Options.from_request({"guided_choice": "a"})
+        DriverOptions.from_request({"guided_choice": "a"})
     with pytest.raises(ParamError, match="response_format"):
-        Issue4Options.from_request({"response_format": {"type": "xml"}})
+        DriverOptions.from_request({"response_format": {"type": "xml"}})
 
 
 @pytest.mark.real_model

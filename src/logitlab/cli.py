@@ -10,7 +10,7 @@ import json
 import re
 import sys
 
-from .decoding.cli_ext import add_issue4_commands, apply_issue4_flags, issue4_requested, run_issue4_generate
+from .decoding.cli_ext import add_driver_commands, add_driver_flags, driver_requested, run_driver_generate
 from .sampling import ParamError, SamplingParams
 from .server.cli import add_serve_command
 
@@ -100,8 +100,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     params = _params(a, logprobs=a.logprobs, logprobs_mode=a.logprobs_mode, echo=a.echo, explain=a.explain)
     engine = _engine(a, use_cache=not a.no_kv_cache, max_batch=max(a.n, 1))
     prompt = engine.chat_prompt([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
-    if issue4_requested(a):  # beam / contrastive / speculative / constrained decoding
-        return run_issue4_generate(a, engine, prompt, params)
+    if driver_requested(a):  # beam / contrastive / speculative / constrained decoding
+        return run_driver_generate(a, engine, prompt, params)
     if a.json:
         from .openai_format import completion_response
 
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--explain", action="store_true", help="per-step trace of every pipeline stage")
     g.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
     g.add_argument("--json", action="store_true", help="print an OpenAI completions-shaped JSON object")
-    apply_issue4_flags(g)
+    add_driver_flags(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat using the model's chat template")
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_dist)
 
-    add_issue4_commands(sub, _add_model_flags)
+    add_driver_commands(sub, _add_model_flags)
     add_serve_command(sub)
 
     sub.add_parser("bench", help="speed and memory benchmark (see BENCHMARKS.md; `logitlab bench -h`)",

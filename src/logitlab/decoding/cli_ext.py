@@ -1,17 +1,17 @@
-"""CLI (and request-field) front end for issue 4: beam search, structured output, contrastive and
+"""CLI (and request-field) front end for the decoding drivers: beam search, structured output, contrastive and
 speculative decoding on ``generate``, and the ``classify`` and ``demo`` commands.
 
 Wiring into ``cli.py`` (see the functions' docstrings):
 
-    from .decoding.cli_ext import add_issue4_commands, apply_issue4_flags, issue4_requested, run_issue4_generate
-    apply_issue4_flags(g)                        # after the generate parser's own flags
-    add_issue4_commands(sub, _add_model_flags)   # after the other subcommands
+    from .decoding.cli_ext import add_driver_commands, add_driver_flags, driver_requested, run_driver_generate
+    add_driver_flags(g)                        # after the generate parser's own flags
+    add_driver_commands(sub, _add_model_flags)   # after the other subcommands
     # in cmd_generate, once params, engine and prompt exist:
-    if issue4_requested(a):
-        return run_issue4_generate(a, engine, prompt, params)
+    if driver_requested(a):
+        return run_driver_generate(a, engine, prompt, params)
 
-The same options come from server request bodies with ``Issue4Options.from_request(body)`` and run with
-``generate_issue4(engine, prompt, params, options)`` -> (GenerationResult, extra JSON fields).
+The same options come from server request bodies with ``DriverOptions.from_request(body)`` and run with
+``generate_with_driver(engine, prompt, params, options)`` -> (GenerationResult, extra JSON fields).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ..sampling import ParamError, SamplingParams
 
 
 @dataclass
-class Issue4Options:
+class DriverOptions:
     beam_width: int | None = None
     length_penalty: float = 1.0
     contrastive_amateur: str | None = None
@@ -43,14 +43,14 @@ class Issue4Options:
                     self.json_schema is not None, self.json_object, self.regex, self.grammar, self.choice])
 
     @classmethod
-    def from_args(cls, a: argparse.Namespace) -> Issue4Options:
+    def from_args(cls, a: argparse.Namespace) -> DriverOptions:
         return cls(beam_width=a.beam_width, length_penalty=a.length_penalty,
                    contrastive_amateur=a.contrastive_amateur, contrastive_alpha=a.contrastive_alpha,
                    speculative=a.speculative, num_speculative_tokens=a.num_speculative_tokens,
                    json_schema=a.json_schema, regex=a.regex, grammar=a.grammar, choice=a.choice)
 
     @classmethod
-    def from_request(cls, body: dict) -> Issue4Options:
+    def from_request(cls, body: dict) -> DriverOptions:
         """Server fields: beam_width, length_penalty, contrastive {amateur, alpha}, speculative {draft,
         num_tokens}, guided_json, guided_regex, guided_choice, guided_grammar, response_format {type:
         json_object | json_schema, json_schema: {schema: ...}}."""
@@ -132,8 +132,8 @@ def _completions(engine, prompt_ids, params, token_lists, reasons, extra_logprob
     return res
 
 
-def generate_issue4(engine, prompt, params: SamplingParams, opts: Issue4Options):
-    """Run ``prompt`` with the issue-4 options. Returns (GenerationResult, extra) where ``extra`` holds
+def generate_with_driver(engine, prompt, params: SamplingParams, opts: DriverOptions):
+    """Run ``prompt`` with the decoding-driver options. Returns (GenerationResult, extra) where ``extra`` holds
     the JSON fields to add to the response (``speculative`` statistics, ``beam`` scores, ``choice``
     probabilities)."""
     opts.validate()
@@ -201,8 +201,8 @@ def generate_issue4(engine, prompt, params: SamplingParams, opts: Issue4Options)
 
 # ---- argparse --------------------------------------------------------------------------------------
 
-def apply_issue4_flags(parser: argparse.ArgumentParser) -> None:
-    """Add the issue-4 flags to the ``generate`` parser."""
+def add_driver_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the decoding-driver flags to the ``generate`` parser."""
     g = parser.add_argument_group("search, structured output, contrastive and speculative decoding")
     g.add_argument("--beam-width", type=int, default=None, metavar="B",
                    help="beam search with B beams; returns the --n best as choices")
@@ -222,14 +222,14 @@ def apply_issue4_flags(parser: argparse.ArgumentParser) -> None:
                    help="output is exactly one of these (chosen by full-sequence probability); repeatable")
 
 
-def issue4_requested(a: argparse.Namespace) -> bool:
-    return Issue4Options.from_args(a).requested()
+def driver_requested(a: argparse.Namespace) -> bool:
+    return DriverOptions.from_args(a).requested()
 
 
-def run_issue4_generate(a: argparse.Namespace, engine, prompt, params: SamplingParams) -> int:
-    """``cmd_generate``'s path when an issue-4 flag is set: prints the choices (or the OpenAI-shaped JSON
+def run_driver_generate(a: argparse.Namespace, engine, prompt, params: SamplingParams) -> int:
+    """``cmd_generate``'s path when a decoding-driver flag is set: prints the choices (or the OpenAI-shaped JSON
     with the extra fields under ``--json``)."""
-    res, extra = generate_issue4(engine, prompt, params, Issue4Options.from_args(a))
+    res, extra = generate_with_driver(engine, prompt, params, DriverOptions.from_args(a))
     if getattr(a, "json", False):
         from ..openai_format import completion_response
 
@@ -299,7 +299,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_issue4_commands(subparsers, add_model_flags=None) -> None:
+def add_driver_commands(subparsers, add_model_flags=None) -> None:
     """Add ``classify`` and ``demo`` to the CLI's subparsers. ``add_model_flags`` is cli.py's
     ``_add_model_flags`` (adds --model and --dtype); without it equivalent flags are added here."""
     from ..demos import DEMOS

@@ -40,7 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..decoding.cli_ext import Issue4Options, generate_issue4
+from ..decoding.cli_ext import DriverOptions, generate_with_driver
 from ..engine import Completion, GenerationResult
 from ..openai_format import completion_logprobs, completion_response
 from ..sampling import ParamError, SamplingParams
@@ -361,9 +361,9 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         ct = sum(len(r.output_ids) for g in groups for r in g)
         return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
 
-    # ---- issue 4: search, structured output, contrastive and speculative decoding ------------
-    def driver_options(body) -> tuple[Issue4Options | None, object]:
-        """(options, constraint spec or None) from the request's issue-4 fields; (None, None) without."""
+    # ---- decoding drivers: search, structured output, contrastive and speculative decoding ------------
+    def driver_options(body) -> tuple[DriverOptions | None, object]:
+        """(options, constraint spec or None) from the request's decoding-driver fields; (None, None) without."""
         data = {}
         for f in schemas.DRIVER_FIELDS:
             v = getattr(body, f, None)
@@ -395,13 +395,13 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         if "length_penalty" in data and "beam_width" not in data:
             raise ParamError("length_penalty", "applies to beam search only (set beam_width)")
         with _driver_errors(rf):
-            opts = Issue4Options.from_request(data)
+            opts = DriverOptions.from_request(data)
             if not opts.requested():
                 return None, None
             opts.validate()
             return opts, opts.spec()
 
-    def is_streamable(opts: Issue4Options) -> bool:
+    def is_streamable(opts: DriverOptions) -> bool:
         """A constraint alone: it runs in the scheduler's continuous batch."""
         return not (opts.beam_width is not None or opts.contrastive_amateur or opts.speculative or opts.choice)
 
@@ -419,14 +419,14 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         except (UnicodeError, TypeError, ValueError, OverflowError) as e:
             raise ParamError(field, f"cannot be tokenized: {e}") from None
 
-    async def run_drivers(prompts: list, params: SamplingParams, opts: Issue4Options, rf, t0: float):
-        """Every prompt through ``generate_issue4`` on the runner thread: [(GenerationResult, extra)]."""
+    async def run_drivers(prompts: list, params: SamplingParams, opts: DriverOptions, rf, t0: float):
+        """Every prompt through ``generate_with_driver`` on the runner thread: [(GenerationResult, extra)]."""
         if not prompts:
             raise ParamError("prompt", "must not be empty")
         ids = [encode(p) for p in prompts]
 
         def work():
-            return [generate_issue4(engine, i, params, opts) for i in ids]
+            return [generate_with_driver(engine, i, params, opts) for i in ids]
 
         with _driver_errors(rf):
             out = await asyncio.wrap_future(runner.call(work))

@@ -76,7 +76,7 @@ class _Sampling(BaseModel):
     banned_token_ids: list[int] | None = None
     logprobs_mode: Literal["raw", "processed"] | None = None
     explain: bool | None = None
-    # issue 4: search, structured output, contrastive and speculative decoding (see app.py)
+    # decoding drivers: search, structured output, contrastive and speculative decoding (see app.py)
     beam_width: int | None = None
     length_penalty: float | None = None
     contrastive: Contrastive | None = None
@@ -87,7 +87,7 @@ class _Sampling(BaseModel):
     guided_grammar: str | None = None
 
 
-# The issue-4 fields (read by ``decoding.cli_ext.Issue4Options.from_request``), chat adds response_format.
+# The decoding-driver fields (read by ``decoding.cli_ext.DriverOptions.from_request``), chat adds response_format.
 DRIVER_FIELDS = ("beam_width", "length_penalty", "contrastive", "speculative", "guided_json", "guided_regex",
                  "guided_choice", "guided_grammar", "response_format")
 
