@@ -496,6 +496,22 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         yield sse(tail)
         yield "data: [DONE]\n\n"
 
+    def with_trace_and_error(choice: dict, ev, trace) -> dict:
+        """A streamed choice carries the step's explainer trace and, on failure, the request's error."""
+        if trace is not None:
+            choice["trace"] = [trace]
+        if ev.finish_reason == "error" and ev.request.error:
+            choice["error"] = ev.request.error
+        return choice
+
+    def stream_end(requests, groups, head: dict, include_usage: bool):
+        """How every token stream ends: a failure notice if the runner failed, the usage chunk, [DONE]."""
+        if (err := internal_failure(requests)) is not None:
+            yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": None}})
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": usage(groups)})
+        yield "data: [DONE]\n\n"
+
     async def stream_completions(request, stream, requests, groups, texts, model, n, echo, want_lp,
                                  include_usage, t0):
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -530,17 +546,10 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
                                        [ev.top_logprobs] if ev.top_logprobs is not None else None)
                         choice["logprobs"] = completion_logprobs(tok, c, text_start=offsets[r.id])
                 offsets[r.id] += len(ev.text)
-                if trace is not None:
-                    choice["trace"] = [trace]
-                if ev.finish_reason == "error" and r.error:
-                    choice["error"] = r.error
-                yield chunk(choice)
-            if (err := internal_failure(requests)) is not None:
-                yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": None}})
-            if include_usage:
-                yield sse({"id": cid, "object": "text_completion", "created": created, "model": model,
-                           "choices": [], "usage": usage(groups)})
-            yield "data: [DONE]\n\n"
+                yield chunk(with_trace_and_error(choice, ev, trace))
+            head = {"id": cid, "object": "text_completion", "created": created, "model": model}
+            for line in stream_end(requests, groups, head, include_usage):
+                yield line
         finally:
             abort(requests)  # a no-op unless the client went away mid-stream
 
@@ -678,17 +687,10 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
                     if want_lp:
                         choice["logprobs"] = {"content": _chat_logprobs(
                             tok, [ev.token_id], [ev.logprob], [ev.top_logprobs])}
-                if trace is not None:
-                    choice["trace"] = [trace]
-                if ev.finish_reason == "error" and r.error:
-                    choice["error"] = r.error
-                yield chunk(choice)
-            if (err := internal_failure(requests)) is not None:
-                yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": None}})
-            if include_usage:
-                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [], "usage": usage(groups)})
-            yield "data: [DONE]\n\n"
+                yield chunk(with_trace_and_error(choice, ev, trace))
+            head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+            for line in stream_end(requests, groups, head, include_usage):
+                yield line
         finally:
             abort(requests)
 
