@@ -351,6 +351,21 @@ def resolve_model(model_or_engine, prompt, eos_token_ids=None):
     return model, None, ids, list(eos_token_ids or [])
 
 
+def sample_seeds(params, n: int, seed: int | None = None) -> list[int]:
+    """The per-sample seeds of a driver run: ``seed`` (else ``params.seed``, else 0) derived per sample,
+    the same derivation the engine uses for its ``n`` samples."""
+    from ..sampling.rng import derive_seed
+
+    base = seed if seed is not None else (params.seed if params.seed is not None else 0)
+    return [derive_seed(base, i) for i in range(n)]
+
+
+def stop_token_set(params, eos) -> set[int]:
+    """Token ids that end a sample: end-of-sequence (unless ignore_eos) and the stop_token_ids."""
+    stop = set() if getattr(params, "ignore_eos", False) else {int(e) for e in eos}
+    return stop | set(getattr(params, "stop_token_ids", None) or [])
+
+
 class PipelineRows:
     """The sampling pipeline's per-row state for rows that a driver generates: one SamplingParams (or one
     per row), the rows' seeds, prompt and output token counts (penalties), tokens generated so far
@@ -466,14 +481,12 @@ def constrained_generate(model_or_engine, prompt, constraint: Constraint, params
     pipeline's first stage, then ``sampling.process`` and the inverse-CDF draw with each row's own seed.
     A row ends when the grammar is complete and its stop token (EOS) is drawn."""
     from ..sampling import SamplingParams, draw
-    from ..sampling.rng import derive_seed
 
     params = params or SamplingParams()
     model, tokenizer, prompt_ids, eos = resolve_model(model_or_engine, prompt, eos_token_ids)
     max_tokens = params.max_tokens if max_tokens is None else max_tokens
     n = params.n if n is None else n
-    base = seed if seed is not None else (params.seed if params.seed is not None else 0)
-    seeds = [derive_seed(base, i) for i in range(n)]
+    seeds = sample_seeds(params, n, seed)
     P, V = len(prompt_ids), model.config.vocab_size
     cache_len = min(model.config.context_length, P + max_tokens)
     if P >= cache_len:

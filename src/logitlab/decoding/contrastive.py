@@ -24,8 +24,15 @@ import torch
 
 from ..model.cache import KVCache
 from ..sampling import ParamError, SamplingParams, draw
-from ..sampling.rng import derive_seed
-from .constraints import Constraint, PipelineRows, allowed_masks, apply_allowed, resolve_model
+from .constraints import (
+    Constraint,
+    PipelineRows,
+    allowed_masks,
+    apply_allowed,
+    resolve_model,
+    sample_seeds,
+    stop_token_set,
+)
 
 
 def contrastive_scores(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, alpha: float = 0.1,
@@ -101,8 +108,7 @@ def contrastive_generate(
     ama, ama_layers = parse_amateur(amateur, model, load)
     max_tokens = params.max_tokens if max_tokens is None else max_tokens
     n = params.n if n is None else n
-    base = seed if seed is not None else (params.seed if params.seed is not None else 0)
-    seeds = [derive_seed(base, i) for i in range(n)]
+    seeds = sample_seeds(params, n, seed)
     P, V = len(prompt_ids), model.config.vocab_size
     ctx = min(model.config.context_length, ama.config.context_length)
     cache_len = min(ctx, P + max_tokens)
@@ -121,8 +127,7 @@ def contrastive_generate(
     le, la = le.expand(n, -1), la.expand(n, -1)
     rows = PipelineRows(params, prompt_ids, V, eos, n, seeds=seeds)
     states = [constraint.start() for _ in range(n)] if constraint is not None else None
-    stop_ids = set(int(e) for e in eos) if not getattr(params, "ignore_eos", False) else set()
-    stop_ids |= set(getattr(params, "stop_token_ids", None) or [])
+    stop_ids = stop_token_set(params, eos)
     out: list[list[int]] = [[] for _ in range(n)]
     done, reasons = [False] * n, ["length"] * n
     traces: list[list[dict]] = [[] for _ in range(n)]

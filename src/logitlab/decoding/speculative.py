@@ -37,8 +37,7 @@ import torch
 from ..model.cache import KVCache
 from ..model.quant import quantize_int8
 from ..sampling import ParamError, SamplingParams
-from ..sampling.rng import derive_seed
-from .constraints import PipelineRows, resolve_model
+from .constraints import PipelineRows, resolve_model, sample_seeds, stop_token_set
 
 # random streams of one row (uniforms are counter-based: seed x counter x stream)
 _DRAFT, _ACCEPT, _RESIDUAL = 11, 12, 13
@@ -283,8 +282,7 @@ def speculative_generate(
     max_tokens = params.max_tokens if max_tokens is None else max_tokens
     if seeds is None:
         n = params.n if n is None else n
-        base = seed if seed is not None else (params.seed if params.seed is not None else 0)
-        seeds = [derive_seed(base, i) for i in range(n)]
+        seeds = sample_seeds(params, n, seed)
     B = len(seeds)
     P = len(prompt_ids)
     ctx = model.config.context_length
@@ -292,8 +290,7 @@ def speculative_generate(
     if P + 1 > cache_len:
         raise ParamError("prompt", f"has {P} tokens; the context holds {ctx}")
     d = make_draft(draft, model, load=_loader(target))
-    stop_ids = set(int(e) for e in eos) if not getattr(params, "ignore_eos", False) else set()
-    stop_ids |= set(getattr(params, "stop_token_ids", None) or [])
+    stop_ids = stop_token_set(params, eos)
 
     t0 = time.perf_counter()
     rows = PipelineRows(params, prompt_ids, model.config.vocab_size, eos, B, seeds=seeds)
@@ -409,13 +406,11 @@ def plain_generate(
     max_tokens = params.max_tokens if max_tokens is None else max_tokens
     if seeds is None:
         n = params.n if n is None else n
-        base = seed if seed is not None else (params.seed if params.seed is not None else 0)
-        seeds = [derive_seed(base, i) for i in range(n)]
+        seeds = sample_seeds(params, n, seed)
     B, P = len(seeds), len(prompt_ids)
     ctx = model.config.context_length
     cache_len = min(ctx, P + max_tokens)
-    stop_ids = set(int(e) for e in eos) if not getattr(params, "ignore_eos", False) else set()
-    stop_ids |= set(getattr(params, "stop_token_ids", None) or [])
+    stop_ids = stop_token_set(params, eos)
     t0 = time.perf_counter()
     rows = PipelineRows(params, prompt_ids, model.config.vocab_size, eos, B, seeds=seeds)
     cache = KVCache(model.config, B, cache_len, dtype=model.dtype)
