@@ -100,16 +100,16 @@ def test_no_cache_padding_mask():
 
 @torch.inference_mode()
 def test_early_exit_runs_only_first_layers():
+    """num_layers=1 equals a one-layer model holding the same first layer, norm and LM head."""
+    from logitlab.model.transformer import Transformer
+
     m = tiny_model()
+    sd = tiny_state_dict(tiny_config())
+    first = {k: v for k, v in sd.items() if not k.startswith("model.layers.") or k.startswith("model.layers.0.")}
+    one = Transformer.from_state_dict(tiny_config(num_layers=1), first)
     toks = torch.tensor([[1, 2, 3, 4]])
     pos = torch.arange(4).unsqueeze(0)
-    h = m.model.embed_tokens(toks)
-    cos = m.rope_cos[pos].unsqueeze(1)
-    sin = m.rope_sin[pos].unsqueeze(1)
-    mask = torch.ones(4, 4, dtype=torch.bool).tril().view(1, 1, 4, 4)
-    h = m.model.layers[0](h, cos, sin, mask, None, None, pos, 4)
-    expected = m.lm_head(m.model.norm(h))[0, -1]
-    assert rel_err(m(toks, pos, num_layers=1)[0], expected) < 1e-5
+    assert rel_err(m(toks, pos, num_layers=1)[0], one(toks, pos)[0]) < 1e-5
     assert rel_err(m(toks, pos, num_layers=1)[0], m(toks, pos)[0]) > 1e-2
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from logitlab.model.quant import Int8Linear, quantize_int8
@@ -50,3 +51,66 @@ def test_int8_linear_prefill_path_matches_decode_path():
     many = q(x).float()  # 64 rows: GEMM path
     few = torch.cat([q(x[:, i : i + 4]) for i in range(0, 64, 4)], 1).float()  # 4 rows: int8 kernel
     assert ((many - few).abs().max() / few.abs().max()) < 2e-2
+
+
+def test_native_kernel_equals_float32_matmul_for_every_row_count_and_width():
+    """The native kernel computes x @ (q * s)^T in float32: 1-4 rows (and more, in groups of four),
+    widths that exercise the 64-, 32- and 16-wide loops and the scalar tail."""
+    from logitlab.model import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the native kernel is not built here")
+    g = torch.Generator().manual_seed(4)
+    for n_in in (576, 1536, 100, 40, 7):
+        q = Int8Linear(torch.randn(33, n_in, generator=g))
+        for rows in (1, 2, 3, 4, 6):
+            x = torch.randn(rows, n_in, generator=g)
+            expected = (x.double() @ q.dequantized().double().T).float()
+            got = native.q8_matmul(x, q.qweight, q.scale_f32)
+            assert got.shape == (rows, 33)
+            assert ((got - expected).abs().max() / expected.abs().max()) < 1e-5, (n_in, rows)
+
+
+def test_native_kernel_rejects_wrong_dtypes_and_shapes():
+    from logitlab.model import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the native kernel is not built here")
+    q = Int8Linear(torch.randn(8, 16))
+    with pytest.raises(TypeError):
+        native.q8_matmul(torch.randn(1, 16, dtype=torch.float64), q.qweight, q.scale_f32)
+    with pytest.raises(ValueError):
+        native.q8_matmul(torch.randn(1, 15), q.qweight, q.scale_f32)
+
+
+def test_int8_linear_without_native_kernel_uses_pytorchs(monkeypatch):
+    """LOGITLAB_NATIVE=0 (or no compiler): the same layer runs PyTorch's int8 kernel and agrees."""
+    from logitlab.model import native
+
+    g = torch.Generator().manual_seed(5)
+    q = Int8Linear(torch.randn(24, 64, generator=g))
+    x = torch.randn(2, 64, generator=g)
+    with_native = q(x)
+    monkeypatch.setattr(native, "available", lambda: False)
+    called = []
+    monkeypatch.setattr(native, "q8_matmul", lambda *a: called.append(a))
+    without = q(x)
+    assert not called
+    expected = x @ q.dequantized().T
+    assert ((without - expected).abs().max() / expected.abs().max()) < 2e-2  # bf16 activations
+    assert ((with_native - expected).abs().max() / expected.abs().max()) < 2e-2
+
+
+def test_native_kernel_builds_once_into_the_cache(tmp_path, monkeypatch):
+    import shutil
+
+    from logitlab.model import native
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    built = native._build(tmp_path)
+    assert built is not None and built.exists() and built.parent == tmp_path / "kernels"
+    mtime = built.stat().st_mtime_ns
+    assert native._build(tmp_path) == built and built.stat().st_mtime_ns == mtime  # cached, not rebuilt
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert native._build(tmp_path / "other") is None  # a missing compiler falls back, no exception

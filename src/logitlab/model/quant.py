@@ -2,9 +2,15 @@
 
 Decode reads every weight once per token, so it is bound by memory bandwidth: int8 weights move a
 quarter of the bytes of float32. Each row ``w_n`` of a linear layer is stored as ``q_n = round(w_n / s_n)``
-with ``s_n = max|w_n| / 127``; the matmul ``x @ (q * s)^T`` runs in one fused kernel
-(``aten._weight_int8pack_mm``), fed bfloat16 copies of the activations (the float32 path of that kernel
-is ~7x slower on this CPU). The embedding table stays as it is: a lookup reads only the rows it needs.
+with ``s_n = max|w_n| / 127``; for one to four rows the matmul ``x @ (q * s)^T`` runs in logitlab's
+native kernel (``native.py``: float32 activations, the int8 weights streamed once), or, where it cannot
+be built, in PyTorch's ``aten._weight_int8pack_mm`` fed bfloat16 copies of the activations. The
+embedding table stays as it is: a lookup reads only the rows it needs.
+
+From a handful of rows on (batched decode, prefill) the int8 kernel, a per-row matrix-vector product,
+loses to a GEMM, so each layer also keeps a bfloat16 copy of its dequantized weights: oneDNN's bfloat16
+GEMM runs 2-3x faster than the float32 one on this CPU (AVX512_BF16), and the copy is half the size.
+That copy rounds ``q * s`` to bfloat16 (relative error <= 2^-9 per weight), and the activations too.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-INT8_MAX_ROWS = 4  # measured: beyond ~4 rows the float32 GEMM beats the int8 row-by-row kernel
+from . import native
+
+INT8_MAX_ROWS = 4  # measured: beyond 4-8 rows the bfloat16 GEMM beats the int8 row-by-row kernel
 
 
 class Int8Linear(nn.Module):
@@ -25,11 +33,7 @@ class Int8Linear(nn.Module):
         q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
-        # The int8 kernel is a per-row matrix-vector product: its cost grows linearly with the rows, so
-        # from a handful of rows on (batched decode, prefill) a float32 GEMM over the same dequantized
-        # values is faster. Keeping that copy costs memory (fp32 + int8), not accuracy: both paths
-        # compute with the same quantized weights.
-        self.register_buffer("dequant", q.float() * scale.float()[:, None])
+        self.register_buffer("dequant", (q.float() * scale.float()[:, None]).to(torch.bfloat16))
         self.out_features, self.in_features = w.shape
 
     @classmethod
@@ -39,28 +43,39 @@ class Int8Linear(nn.Module):
         nn.Module.__init__(m)
         m.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
         m.register_buffer("scale", torch.empty(out_features, dtype=torch.bfloat16))
-        m.register_buffer("dequant", torch.empty(out_features, in_features))
+        m.register_buffer("dequant", torch.empty(out_features, in_features, dtype=torch.bfloat16))
         m.out_features, m.in_features = out_features, in_features
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] > INT8_MAX_ROWS:  # batched decode, prefill: a GEMM over the dequantized copy
-            y = torch.nn.functional.linear(x2.float(), self.dequant)
-        else:  # one or a few rows (decode): bandwidth-bound, read a quarter of the bytes
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if x2.shape[0] > INT8_MAX_ROWS:  # batched decode, prefill: a bfloat16 GEMM over the dequantized copy
+            y = torch.nn.functional.linear(x2.to(torch.bfloat16), self.dequant)
+        elif x2.dtype == torch.float32 and native.available():  # decode: stream the int8 weights once
+            y = native.q8_matmul(x2, self.qweight, self.scale_f32)
+        else:  # PyTorch's int8 kernel (bfloat16 activations)
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale)
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+    @property
+    def scale_f32(self) -> torch.Tensor:
+        """The scales in float32 for the native kernel (computed once; the weights never change)."""
+        s = self.__dict__.get("_scale_f32")
+        if s is None or s.shape != self.scale.shape:
+            s = self.__dict__["_scale_f32"] = self.scale.float()
+        return s
 
     def dequantized(self) -> torch.Tensor:
-        return self.dequant
+        """The exact quantized weights ``q * s`` in float32."""
+        return self.qweight.float() * self.scale.float()[:, None]
 
 
 def quantize_int8(model: nn.Module, empty: bool = False) -> nn.Module:
     """In place: every nn.Linear (attention, MLP and the LM head, tied or not) becomes an Int8Linear
     (``empty=True``: with uninitialised buffers, to be loaded from a cache);
-    activations, norms, the embedding table and the KV cache keep the model's dtype (float32: this
-    CPU build has no fast bfloat16 GEMM, so bfloat16 activations would slow prefill down ~4x)."""
+    activations, norms, attention, the embedding table and the KV cache keep the model's dtype (float32);
+    only the matmul inputs are rounded to bfloat16."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):

@@ -18,7 +18,7 @@ from .config import ModelConfig
 from .quant import quantize_int8
 from .transformer import Transformer, rope_tables
 
-FORMAT = 1
+FORMAT = 2  # 2: int8 layers keep a bfloat16 (was float32) dequantized copy
 
 
 def _skeleton(config: ModelConfig, dtype: str) -> Transformer:

@@ -31,47 +31,71 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused call
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         # Normalise in float32 whatever the weight dtype (as the reference does), then scale.
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_tables(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [length, D] for positions 0..length-1 (each frequency repeated for both halves)."""
+    """cos and *signed* sin tables of shape [length, D] for positions 0..length-1.
+
+    Rotate-half RoPE turns the pair (x_i, x_{i+D/2}) by the angle of frequency i:
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = (-x2, x1)``. Rolling x by D/2 gives
+    ``(x2, x1)``, so with the first half of the sin table negated, RoPE is ``x * cos + roll(x) * sin``:
+    two tables, four cheap ops, no slicing or concatenation per layer."""
     d = config.head_dim
     # Always on the CPU, even while a model is being built on the meta device (the first arange on meta
     # costs seconds of one-time set-up, and these tables are small).
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     angles = torch.outer(torch.arange(length, dtype=torch.float64, device="cpu"), inv_freq)  # [length, D/2]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos().float(), torch.cat([-sin, sin], dim=-1).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D]; cos/sin [B, 1, T, D]. Rotates pairs (i, i + D/2) by the position's angle."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [..., D] with cos/signed_sin broadcastable to it (see ``rope_tables``)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + mask) v with grouped-query heads: q [B, H, T, D], k/v [B, K, L, D],
-    mask [B, 1, T, L] (True = may attend).
+class Step:
+    """What every layer of one forward call shares, computed once per call rather than once per layer.
+
+    cos, sin [B, T, 1, D]; positions [B, T] (padding moved to the cache's scratch position);
+    key_len: keys attended (the filled part of the cache); mask [B, 1, T, L] bool (True = may attend);
+    bias [B, 1, G*T, L]: the same mask as 0 / -inf, repeated for the G query heads of a kv head (the
+    small-matmul attention path); rows: the cache slots; batch_idx [B, 1]."""
+
+    def __init__(self, cos, sin, positions, key_len, mask, groups, rows):
+        self.cos, self.sin, self.positions, self.key_len = cos, sin, positions, key_len
+        self.mask, self.rows = mask, rows
+        self.batch_idx = torch.arange(positions.shape[0]).unsqueeze(1)
+        self.small = positions.shape[1] <= 16
+        if self.small:
+            self.bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+            self.bias = self.bias.repeat(1, 1, groups, 1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v with grouped-query heads: q [B, T, H, D], k/v [B, K, L, D]
+    -> [B, T, H * D].
 
     For a few query tokens (decode, speculative verification) two small matmuls beat the fused CPU
     kernel, whose per-call set-up dominates at q_len = 1; the G = H/K query heads that share a kv head
     are folded into the query-length axis so no key/value is ever copied per head. Long prefills use
     the fused kernel."""
-    B, H, T, D = q.shape
+    B, T, H, D = q.shape
     K = k.shape[1]
-    if T > 16:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    if not step.small:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=step.mask, enable_gqa=True)
+        return out.transpose(1, 2).reshape(B, T, H * D)
     G = H // K
-    qg = q.reshape(B, K, G * T, D)  # heads h = kv * G + g, so (g, t) fold into one axis
-    scores = (qg @ k.transpose(-1, -2)) * (D**-0.5)  # [B, K, G*T, L]
-    m = mask.unsqueeze(2).expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
-    scores = scores.masked_fill(~m, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-    return (probs @ v).view(B, H, T, D)
+    # heads h = kv * G + g; (g, t) fold into one axis, in the order step.bias was repeated in
+    qg = q.view(B, T, K, G, D).permute(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
+    scores = torch.add(step.bias, qg @ k.transpose(-1, -2), alpha=D**-0.5)  # [B, K, G*T, L]
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = probs @ v  # [B, K, G*T, D]
+    return out.view(B, K, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
 
 class Attention(nn.Module):
@@ -84,25 +108,25 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(c, (h + 2 * k) * d, bias=False)
         self.o_proj = nn.Linear(h * d, c, bias=False)
 
-    def forward(self, x, cos, sin, mask, layer_cache, rows, positions, key_len):
-        B, T, _ = x.shape
+    def forward(self, x: torch.Tensor, step: Step, layer_cache) -> torch.Tensor:
+        """x [B*T, C] -> [B*T, C]."""
+        B, T = step.positions.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
-        v = v.view(B, T, K, D)  # [B, T, K, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x)
+        # RoPE on queries and keys together: one [B, T, H + K, D] tensor
+        qk = apply_rope(qkv[:, : (H + K) * D].view(B, T, H + K, D), step.cos, step.sin)
+        q, k = qk[:, :, :H], qk[:, :, H:]  # [B, T, H, D], [B, T, K, D]
+        v = qkv[:, (H + K) * D :].view(B, T, K, D)
         if layer_cache is None:
-            keys, values = k, v.transpose(1, 2)  # attend to the given tokens only
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # attend to the given tokens only
         else:
             k_cache, v_cache = layer_cache
-            kc, vc = k_cache[rows], v_cache[rows]  # views [B, K, max_len + 1, D]
-            b_idx = torch.arange(B).unsqueeze(1)  # [B, 1] broadcast against positions [B, T]
-            kc[b_idx, :, positions] = k.transpose(1, 2).to(kc.dtype)  # indexed shape [B, T, K, D]
-            vc[b_idx, :, positions] = v.to(vc.dtype)
-            keys, values = kc[:, :, :key_len], vc[:, :, :key_len]  # only the filled part
-        out = attend(q, keys.to(q.dtype), values.to(q.dtype), mask)  # [B, H, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            kc, vc = k_cache[step.rows], v_cache[step.rows]  # views [B, K, max_len + 1, D]
+            kc[step.batch_idx, :, step.positions] = k.to(kc.dtype)  # indexed shape [B, T, K, D]
+            vc[step.batch_idx, :, step.positions] = v.to(vc.dtype)
+            keys, values = kc[:, :, : step.key_len], vc[:, :, : step.key_len]  # only the filled part
+        out = attend(q, keys.to(q.dtype), values.to(q.dtype), step)  # [B, T, H*D]
+        return self.o_proj(out.view(B * T, H * D))
 
 
 class MLP(nn.Module):
@@ -114,7 +138,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class Block(nn.Module):
@@ -125,8 +149,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h, cos, sin, mask, layer_cache, rows, positions, key_len):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, layer_cache, rows, positions, key_len)
+    def forward(self, h: torch.Tensor, step: Step, layer_cache) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), step, layer_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -221,14 +245,15 @@ class Transformer(nn.Module):
             # causal by position, and padded keys hidden; a padded query sees itself so no row is empty.
             mask = (positions.unsqueeze(1) <= positions.unsqueeze(2)) & valid.unsqueeze(1)
             mask = (mask | torch.eye(T, dtype=torch.bool)).unsqueeze(1)  # [B, 1, T, T]
-        cos = self.rope_cos[positions].unsqueeze(1).to(self.dtype)  # [B, 1, T, D]
-        sin = self.rope_sin[positions].unsqueeze(1).to(self.dtype)
+        cos = self.rope_cos[positions].unsqueeze(2).to(self.dtype)  # [B, T, 1, D]
+        sin = self.rope_sin[positions].unsqueeze(2).to(self.dtype)
+        step = Step(cos, sin, positions, key_len, mask, self.config.num_heads // self.config.num_kv_heads, rows)
 
-        h = self.model.embed_tokens(tokens)  # [B, T, C]
+        h = self.model.embed_tokens(tokens.reshape(-1))  # [B*T, C]: every matmul sees one 2-D input
         layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
         for i, layer in enumerate(layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            h = layer(h, cos, sin, mask, layer_cache, rows, positions, key_len)
+            h = layer(h, step, None if cache is None else (cache.k[i], cache.v[i]))
+        h = h.view(B, T, -1)
 
         if isinstance(logits_at, str) and logits_at == "none":
             return self.model.norm(h)

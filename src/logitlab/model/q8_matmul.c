@@ -1,0 +1,94 @@
+/* Int8-weight matrix products for decode: y[r][o] = scale[o] * sum_i x[r][i] * q[o][i].
+
+   Decode reads every weight once per token, so it is bound by memory bandwidth. These loops stream
+   each int8 weight row once, widen it to float32 in registers and multiply it with float32 activations
+   (no rounding of the activations; the only error is the weights' own quantization). Rows of x (at most
+   four per call) stay in L1 and reuse every widened weight. OpenMP splits the output rows between
+   threads; it shares the OpenMP runtime PyTorch has already loaded (same soname), so the two never run
+   competing thread pools. Built by logitlab/model/kernels.py with -O3 -march=native; without AVX-512
+   the scalar loop below is what the compiler vectorizes. */
+#include <stdint.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+static inline float dot_1(const float *x, const int8_t *w, int64_t in) {
+    int64_t i = 0;
+    float s = 0.f;
+#ifdef __AVX512F__
+    /* 64 weights per iteration into four independent accumulators (hides the FMA latency) */
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; i + 64 <= in; i += 64) {
+        __m512i b = _mm512_loadu_si512((const void *)(w + i));
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(b))),
+                             _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 1))),
+                             _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 2))),
+                             _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 3))),
+                             _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= in; i += 16)
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i)))),
+                             _mm512_loadu_ps(x + i), a0);
+    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+    for (; i < in; i++) s += x[i] * (float)w[i];
+    return s;
+}
+
+/* R (2..4) rows: 32 weights per iteration, two accumulators per row. */
+static inline void dot_r(const float *x, const int8_t *w, int64_t in, int R, float *out) {
+    int64_t i = 0;
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+#ifdef __AVX512F__
+    __m512 a[4][2];
+    for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (; i + 32 <= in; i += 32) {
+        __m256i b = _mm256_loadu_si256((const __m256i *)(w + i));
+        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+        for (int r = 0; r < R; r++) {
+            a[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * in + i), a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * in + i + 16), a[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) s[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
+#endif
+    for (; i < in; i++)
+        for (int r = 0; r < R; r++) s[r] += x[r * in + i] * (float)w[i];
+    for (int r = 0; r < R; r++) out[r] = s[r];
+}
+
+static void rows_1(const float *x, int64_t in, const int8_t *q, const float *scale, int64_t out, float *y) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < out; o++) y[o] = scale[o] * dot_1(x, q + o * in, in);
+}
+
+#define ROWS_KERNEL(R)                                                                              \
+    static void rows_##R(const float *x, int64_t in, const int8_t *q, const float *scale, int64_t out, \
+                         float *y) {                                                                \
+        _Pragma("omp parallel for schedule(static)") for (int64_t o = 0; o < out; o++) {            \
+            float s[4];                                                                             \
+            dot_r(x, q + o * in, in, R, s);                                                         \
+            for (int r = 0; r < R; r++) y[r * out + o] = scale[o] * s[r];                           \
+        }                                                                                           \
+    }
+ROWS_KERNEL(2)
+ROWS_KERNEL(3)
+ROWS_KERNEL(4)
+
+/* x [rows, in] float32, q [out, in] int8, scale [out] float32 -> y [rows, out] float32; all contiguous. */
+void q8_matmul(const float *x, int64_t rows, int64_t in, const int8_t *q, const float *scale, int64_t out,
+               float *y) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+        int64_t R = rows - r0 < 4 ? rows - r0 : 4;
+        const float *xr = x + r0 * in;
+        float *yr = y + r0 * out;
+        if (R == 1) rows_1(xr, in, q, scale, out, yr);
+        else if (R == 2) rows_2(xr, in, q, scale, out, yr);
+        else if (R == 3) rows_3(xr, in, q, scale, out, yr);
+        else rows_4(xr, in, q, scale, out, yr);
+    }
+}
