@@ -114,3 +114,12 @@ def test_native_kernel_builds_once_into_the_cache(tmp_path, monkeypatch):
     assert native._build(tmp_path) == built and built.stat().st_mtime_ns == mtime  # cached, not rebuilt
     monkeypatch.setenv("CC", "/nonexistent/cc")
     assert native._build(tmp_path / "other") is None  # a missing compiler falls back, no exception
+
+
+def test_native_kernel_can_be_switched_off_for_a_side_by_side_measurement():
+    from logitlab.model import native
+
+    before = native.available()
+    with native.switched_off():
+        assert not native.available()
+    assert native.available() == before

@@ -13,6 +13,7 @@ PyTorch's kernel, so nothing but speed depends on this file.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -77,8 +78,22 @@ def _library():
     return fn
 
 
+_switched_off = False
+
+
 def available() -> bool:
-    return _library() is not None
+    return not _switched_off and _library() is not None
+
+
+@contextlib.contextmanager
+def switched_off():
+    """Run PyTorch's int8 kernel instead, for a side-by-side measurement in one process (bench)."""
+    global _switched_off
+    before, _switched_off = _switched_off, True
+    try:
+        yield
+    finally:
+        _switched_off = before
 
 
 def q8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
