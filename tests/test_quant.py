@@ -123,3 +123,42 @@ def test_native_kernel_can_be_switched_off_for_a_side_by_side_measurement():
     with native.switched_off():
         assert not native.available()
     assert native.available() == before
+
+
+def test_packed_gemm_equals_the_plain_bfloat16_gemm_and_survives_a_copy():
+    """More than INT8_MAX_ROWS rows: oneDNN's packed weights give the plain GEMM's results to the bit;
+    a deep copy (speculative int8 draft) drops the opaque packed tensor and still computes the same."""
+    import copy
+
+    from logitlab.model.quant import INT8_MAX_ROWS
+
+    g = torch.Generator().manual_seed(6)
+    q = Int8Linear(torch.randn(48, 40, generator=g))
+    if not q.pack_for_gemm():
+        pytest.skip("no oneDNN bfloat16 on this CPU")
+    assert "_packed" in q.__dict__
+    for rows in (INT8_MAX_ROWS + 1, 8, 33, 300):
+        x = torch.randn(rows, 40, generator=g)
+        plain = torch.nn.functional.linear(x.bfloat16(), q.dequant).float()
+        assert torch.equal(q(x), plain), rows
+    twin = copy.deepcopy(q)
+    assert "_packed" not in twin.__dict__
+    x = torch.randn(9, 40, generator=g)
+    assert torch.equal(twin(x), q(x))
+
+
+def test_loaded_int8_models_are_packed(tmp_path):
+    from logitlab.model.quant import _onednn_bf16
+    from logitlab.model.store import load_or_build
+
+    from tiny import tiny_config, tiny_state_dict
+
+    if not _onednn_bf16():
+        pytest.skip("no oneDNN bfloat16 on this CPU")
+    cfg = tiny_config()
+    src = tmp_path / "model.bin"
+    src.write_bytes(b"x")
+    for _ in range(2):  # built (and cached), then loaded from the cache
+        m = load_or_build(cfg, lambda: tiny_state_dict(cfg), "int8", src, tmp_path)
+        lins = [x for x in m.modules() if isinstance(x, Int8Linear)]
+        assert lins and all("_packed" in x.__dict__ for x in lins)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.cache import KVCache
-from ..model.quant import quantize_int8
+from ..model.quant import pack_for_gemm, quantize_int8
 from ..sampling import ParamError, SamplingParams
 from .constraints import PipelineRows, resolve_model, sample_seeds, stop_token_set
 
@@ -171,7 +171,7 @@ def make_draft(spec: str | Draft | object, target, load=None) -> Draft:
                 raise ParamError("speculative", f"early-exit:K needs 1 <= K < {target.config.num_layers}, got {k}")
             return ModelDraft(target, num_layers=k)
         if s == "int8":
-            return ModelDraft(quantize_int8(copy.deepcopy(target)), name="int8")
+            return ModelDraft(pack_for_gemm(quantize_int8(copy.deepcopy(target))), name="int8")
         if s == "ngram" or s.startswith("ngram:"):
             n = _int_suffix(s, "speculative", "ngram:N") if ":" in s else 3
             if n < 1:

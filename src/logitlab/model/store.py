@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .quant import quantize_int8
+from .quant import pack_for_gemm, quantize_int8
 from .transformer import Transformer, rope_tables
 
 FORMAT = 2  # 2: int8 layers keep a bfloat16 (was float32) dequantized copy
@@ -47,7 +47,8 @@ def load_or_build(config: ModelConfig, state_dict_fn, dtype: str, source: Path |
     """The model for ``dtype``: from the cache when present, else built (``state_dict_fn()`` gives the
     checkpoint) and cached. ``source=None`` (no file to key on) always builds."""
     if source is None or cache_dir is None or not source.is_file():
-        return build_model(config, state_dict_fn(), dtype)
+        model = build_model(config, state_dict_fn(), dtype)
+        return pack_for_gemm(model) if dtype == "int8" else model
     path = _path(cache_dir, source, dtype)
     if path.exists():
         tensors = load_file(path)
@@ -59,7 +60,7 @@ def load_or_build(config: ModelConfig, state_dict_fn, dtype: str, source: Path |
         if tied:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.rope_cos, model.rope_sin = rope_tables(config, config.context_length + 1)
-        return model.eval()
+        return pack_for_gemm(model.eval()) if dtype == "int8" else model.eval()
     model = build_model(config, state_dict_fn(), dtype)
     sd = model.state_dict()
     if config.tie_word_embeddings and isinstance(model.lm_head, torch.nn.Linear):
@@ -67,4 +68,4 @@ def load_or_build(config: ModelConfig, state_dict_fn, dtype: str, source: Path |
     tmp = path.with_suffix(".part")
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"config": json.dumps(config.to_dict())})
     tmp.replace(path)
-    return model
+    return pack_for_gemm(model) if dtype == "int8" else model
