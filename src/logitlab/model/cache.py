@@ -25,6 +25,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
         self.slots = slots
+        self.dtype = dtype
         self.max_len = max_len
         self.scratch = max_len  # position index padding tokens are written to
 

@@ -1,14 +1,18 @@
-"""logitlab's one native kernel, ``q8_matmul.c``: the int8-weight matrix product of decode.
+"""logitlab's native kernels (``kernels.c``), two hot spots of the decode step:
 
-PyTorch's own int8 kernel (``aten._weight_int8pack_mm``) reaches about a third of this CPU's memory
-bandwidth at one row and takes bfloat16 activations; decode is bandwidth-bound, so a plain loop that
-streams the weights once reaches 1.5-2x more (BENCHMARKS.md) and keeps the activations in float32.
+- ``q8_matmul``: the int8-weight matrix product. PyTorch's own int8 kernel (``aten._weight_int8pack_mm``)
+  reaches about a third of this CPU's memory bandwidth at one row and takes bfloat16 activations;
+  decode is bandwidth-bound, so a plain loop that streams the weights once is 1.3-1.4x faster end to
+  end (BENCHMARKS.md) and keeps the activations in float32.
+- ``attend_decode``: one new token's attention over the KV cache. PyTorch spends it in the set-up of
+  tiny batched matmuls; one pass over the keys and one over the values per (row, head) is several
+  times faster.
 
 The C file ships inside the package and is compiled on first use with the system C compiler
-(``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``, about half a second) into
-``$LOGITLAB_HOME/kernels``, keyed by the source, the flags and the CPU, then loaded with ctypes. No
-compiler, a failed build or ``LOGITLAB_NATIVE=0``: ``q8_matmul()`` returns None and Int8Linear keeps
-PyTorch's kernel, so nothing but speed depends on this file.
+(``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``, about a second) into ``$LOGITLAB_HOME/kernels``,
+keyed by the source, the flags and the CPU, then loaded with ctypes. No compiler, a failed build or
+``LOGITLAB_NATIVE=0``: ``available()`` is False and the model runs its PyTorch code (the reference the
+kernels are tested against), so nothing but speed depends on this file.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("q8_matmul.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -41,7 +45,7 @@ def _cpu_signature() -> str:
 def _build(cache: Path) -> Path | None:
     cc = os.environ.get("CC", "cc")
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    out = cache / "kernels" / f"q8_matmul-{key}.so"
+    out = cache / "kernels" / f"kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -70,12 +74,14 @@ def _library():
     if path is None:
         return None
     # torch is imported first, so the OpenMP runtime it loaded (soname libgomp.so.1) is the one the
-    # kernel binds to: one thread pool, sized by torch.set_num_threads.
-    fn = ctypes.CDLL(str(path)).q8_matmul
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int64, ctypes.c_void_p]
-    fn.restype = None
-    return fn
+    # kernels bind to: one thread pool, sized by torch.set_num_threads.
+    lib = ctypes.CDLL(str(path))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.q8_matmul.argtypes = [p, i64, i64, p, p, i64, p]
+    lib.q8_matmul.restype = None
+    lib.attend_decode.argtypes = [p, i64, p, p, i64, i64, i64, i64, i64, i64, p, ctypes.c_float, p]
+    lib.attend_decode.restype = None
+    return lib
 
 
 _switched_off = False
@@ -107,5 +113,27 @@ def q8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> to
     if qweight.shape[1] != n_in or scale.shape != (n_out,) or not (qweight.is_contiguous() and scale.is_contiguous()):
         raise ValueError(f"q8_matmul: shapes {tuple(x.shape)} @ {tuple(qweight.shape)} / {tuple(scale.shape)}")
     y = torch.empty(rows, n_out)
-    _library()(x.data_ptr(), rows, n_in, qweight.data_ptr(), scale.data_ptr(), n_out, y.data_ptr())
+    _library().q8_matmul(x.data_ptr(), rows, n_in, qweight.data_ptr(), scale.data_ptr(), n_out, y.data_ptr())
     return y
+
+
+def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot0: int,
+                  lens: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for one new token per row, over the first ``lens[b]`` cached
+    positions of slot ``slot0 + b``: q [B, H, D] float32 (rows may be strided, heads and D contiguous),
+    k_cache / v_cache [slots, K, max_pos, D] float32 contiguous (one layer), lens [B] int64
+    -> [B, H * D]. Call only when ``available()``."""
+    B, H, D = q.shape
+    slots, K, max_pos, Dk = k_cache.shape
+    if q.dtype != torch.float32 or k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
+        raise TypeError("attend_decode takes float32 queries and caches")
+    if (Dk != D or H % K or v_cache.shape != k_cache.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+            or q.stride(2) != 1 or q.stride(1) != D or not 0 <= slot0 <= slots - B):
+        raise ValueError(f"attend_decode: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}, slots from {slot0}")
+    lens = lens.to(torch.int64).contiguous()  # the kernel clamps each to [1, max_pos]
+    if lens.shape != (B,):
+        raise ValueError(f"attend_decode: lens {tuple(lens.shape)} for {B} rows")
+    out = torch.empty(B, H * D)
+    _library().attend_decode(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), slot0, B, H, K,
+                             max_pos, D, lens.data_ptr(), D**-0.5, out.data_ptr())
+    return out

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .cache import KVCache
 from .config import ModelConfig
 
@@ -64,14 +65,19 @@ class Step:
     cos, sin [B, T, 1, D]; positions [B, T] (padding moved to the cache's scratch position);
     key_len: keys attended (the filled part of the cache); mask [B, 1, T, L] bool (True = may attend);
     bias [B, 1, G*T, L]: the same mask as 0 / -inf, repeated for the G query heads of a kv head (the
-    small-matmul attention path); rows: the cache slots; batch_idx [B, 1]."""
+    small-matmul attention path); rows: the cache slots; batch_idx [B, 1]; native_lens [B]: keys per row
+    when the native decode-attention kernel runs (one new float32 token per row against the cache), else
+    None."""
 
-    def __init__(self, cos, sin, positions, key_len, mask, groups, rows):
+    def __init__(self, cos, sin, positions, key_len, mask, groups, rows, native_decode=False):
         self.cos, self.sin, self.positions, self.key_len = cos, sin, positions, key_len
         self.mask, self.rows = mask, rows
         self.batch_idx = torch.arange(positions.shape[0]).unsqueeze(1)
         self.small = positions.shape[1] <= 16
-        if self.small:
+        self.native_lens = None
+        if native_decode:  # padding rows sit at the scratch position: they read every key; harmless
+            self.native_lens = positions[:, 0].clamp(max=key_len - 1) + 1
+        elif self.small:
             self.bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
             self.bias = self.bias.repeat(1, 1, groups, 1)
 
@@ -124,6 +130,9 @@ class Attention(nn.Module):
             kc, vc = k_cache[step.rows], v_cache[step.rows]  # views [B, K, max_len + 1, D]
             kc[step.batch_idx, :, step.positions] = k.to(kc.dtype)  # indexed shape [B, T, K, D]
             vc[step.batch_idx, :, step.positions] = v.to(vc.dtype)
+            if step.native_lens is not None:  # decode: the native kernel reads the cache in place
+                out = native.attend_decode(q[:, 0], k_cache, v_cache, step.rows.start, step.native_lens)
+                return self.o_proj(out)
             keys, values = kc[:, :, : step.key_len], vc[:, :, : step.key_len]  # only the filled part
         out = attend(q, keys.to(q.dtype), values.to(q.dtype), step)  # [B, T, H*D]
         return self.o_proj(out.view(B * T, H * D))
@@ -247,7 +256,10 @@ class Transformer(nn.Module):
             mask = (mask | torch.eye(T, dtype=torch.bool)).unsqueeze(1)  # [B, 1, T, T]
         cos = self.rope_cos[positions].unsqueeze(2).to(self.dtype)  # [B, T, 1, D]
         sin = self.rope_sin[positions].unsqueeze(2).to(self.dtype)
-        step = Step(cos, sin, positions, key_len, mask, self.config.num_heads // self.config.num_kv_heads, rows)
+        native_decode = (cache is not None and T == 1 and self.dtype == torch.float32 and cache.dtype == torch.float32
+                         and isinstance(rows, slice) and rows.step in (None, 1) and native.available())
+        step = Step(cos, sin, positions, key_len, mask, self.config.num_heads // self.config.num_kv_heads, rows,
+                    native_decode)
 
         h = self.model.embed_tokens(tokens.reshape(-1))  # [B*T, C]: every matmul sees one 2-D input
         layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]

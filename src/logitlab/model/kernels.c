@@ -1,4 +1,7 @@
-/* Int8-weight matrix products for decode: y[r][o] = scale[o] * sum_i x[r][i] * q[o][i].
+/* logitlab's native kernels for the decode step (built and loaded by native.py): the int8-weight
+   matrix product and attention of one new token against the KV cache.
+
+   ---- int8-weight matrix product: y[r][o] = scale[o] * sum_i x[r][i] * q[o][i] --------------------
 
    Decode reads every weight once per token, so it is bound by memory bandwidth. These loops stream
    each int8 weight row once, widen it to float32 in registers and multiply it with float32 activations
@@ -8,6 +11,7 @@
    competing thread pools. Built by logitlab/model/kernels.py with -O3 -march=native; without AVX-512
    the scalar loop below is what the compiler vectorizes. */
 #include <stdint.h>
+#include <stdlib.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -90,5 +94,100 @@ void q8_matmul(const float *x, int64_t rows, int64_t in, const int8_t *q, const 
         else if (R == 2) rows_2(xr, in, q, scale, out, yr);
         else if (R == 3) rows_3(xr, in, q, scale, out, yr);
         else rows_4(xr, in, q, scale, out, yr);
+    }
+}
+
+/* ---- decode attention ------------------------------------------------------------------------------
+
+   One new query token per row against that row's cached keys/values, grouped-query heads:
+   out[b][h] = sum_l softmax_l(scale * q[b][h] . k[slot][h/G][l]) v[slot][h/G][l], l < lens[b].
+   PyTorch spends most of this step in per-call set-up of tiny batched matmuls (~1.6 us per head and
+   row); here each (row, head) pair is one pass over its keys and one over its values. */
+
+#ifdef __AVX512F__
+/* e^x for x <= 0 (scores minus their max): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor
+   polynomial (relative error < 2e-7), times 2^n. */
+static inline __m512 exp_nonpos(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#include <math.h>
+
+static void attend_one(const float *q, const float *k, const float *v, int64_t n, int64_t D, float scale,
+                       float *s, float *out) {
+    float mx = -INFINITY;
+    for (int64_t l = 0; l < n; l++) {
+        const float *kl = k + l * D;
+        float dot = 0.f;
+        int64_t d = 0;
+#ifdef __AVX512F__
+        __m512 a = _mm512_setzero_ps();
+        for (; d + 16 <= D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(kl + d), a);
+        dot = _mm512_reduce_add_ps(a);
+#endif
+        for (; d < D; d++) dot += q[d] * kl[d];
+        s[l] = dot * scale;
+        if (s[l] > mx) mx = s[l];
+    }
+    float sum = 0.f;
+    int64_t l = 0;
+#ifdef __AVX512F__
+    __m512 vsum = _mm512_setzero_ps(), vmx = _mm512_set1_ps(mx);
+    for (; l + 16 <= n; l += 16) {
+        __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(s + l), vmx));
+        _mm512_storeu_ps(s + l, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    sum = _mm512_reduce_add_ps(vsum);
+#endif
+    for (; l < n; l++) {
+        s[l] = expf(s[l] - mx);
+        sum += s[l];
+    }
+    float inv = 1.f / sum;
+    for (int64_t d = 0; d < D; d++) out[d] = 0.f;
+    for (l = 0; l < n; l++) {
+        const float *vl = v + l * D;
+        float p = s[l] * inv;
+        int64_t d = 0;
+#ifdef __AVX512F__
+        __m512 vp = _mm512_set1_ps(p);
+        for (; d + 16 <= D; d += 16)
+            _mm512_storeu_ps(out + d, _mm512_fmadd_ps(vp, _mm512_loadu_ps(vl + d), _mm512_loadu_ps(out + d)));
+#endif
+        for (; d < D; d++) out[d] += p * vl[d];
+    }
+}
+
+/* q: row b, head h at q + b * q_row_stride + h * D.  k_cache, v_cache: one layer, [slots, K, max_pos, D]
+   contiguous; row b reads slot slot0 + b.  lens[b] keys (clamped to [1, max_pos]).  out [B, H, D]. */
+void attend_decode(const float *q, int64_t q_row_stride, const float *k_cache, const float *v_cache,
+                   int64_t slot0, int64_t B, int64_t H, int64_t K, int64_t max_pos, int64_t D,
+                   const int64_t *lens, float scale, float *out) {
+    int64_t G = H / K;
+    #pragma omp parallel
+    {
+        float *s = (float *)malloc(sizeof(float) * (size_t)max_pos);
+        #pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            int64_t b = bh / H, h = bh % H;
+            int64_t off = ((slot0 + b) * K + h / G) * max_pos * D;
+            int64_t n = lens[b] < 1 ? 1 : (lens[b] > max_pos ? max_pos : lens[b]);
+            attend_one(q + b * q_row_stride + h * D, k_cache + off, v_cache + off, n, D, scale, s,
+                       out + (b * H + h) * D);
+        }
+        free(s);
     }
 }
