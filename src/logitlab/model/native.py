@@ -87,6 +87,12 @@ def _library():
 _switched_off = False
 
 
+def library():
+    """The loaded ctypes library (None where it cannot be built), for callers that checked their
+    arguments once and call a kernel many times."""
+    return _library()
+
+
 def available() -> bool:
     return not _switched_off and _library() is not None
 

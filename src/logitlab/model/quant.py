@@ -59,7 +59,7 @@ class Int8Linear(nn.Module):
             else:
                 y = torch.nn.functional.linear(x2.to(torch.bfloat16), self.dequant)
         elif x2.dtype == torch.float32 and native.available():  # decode: stream the int8 weights once
-            y = native.q8_matmul(x2, self.qweight, self.scale_f32)
+            y = self._native(x2)
         else:  # PyTorch's int8 kernel (bfloat16 activations)
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale)
         y = y.to(x.dtype)
@@ -73,11 +73,26 @@ class Int8Linear(nn.Module):
         self.__dict__["_packed"] = torch.ops.mkldnn._reorder_linear_weight(self.dequant, 32)
         return True
 
+    def _native(self, x: torch.Tensor) -> torch.Tensor:
+        """native.q8_matmul without its per-call checks (a decode step makes ~120 of these calls, and
+        the checks cost twice the call): the weights were checked once, when first seen here."""
+        bound = self.__dict__.get("_bound")
+        if bound is None or bound[0] is not self.qweight or bound[1] is not self.scale:
+            native.q8_matmul(torch.zeros(1, self.in_features), self.qweight, self.scale_f32)  # checks
+            s = self.scale_f32
+            bound = self.__dict__["_bound"] = (self.qweight, self.scale, s, self.qweight.data_ptr(), s.data_ptr())
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], self.out_features)
+        native.library().q8_matmul(x.data_ptr(), x.shape[0], self.in_features, bound[3], bound[4], self.out_features,
+                                   y.data_ptr())
+        return y
+
     def __getstate__(self):
         # oneDNN's packed tensor is opaque (no storage to copy or pickle): copies drop it and use the
         # plain bfloat16 copy until pack_for_gemm() is called on them.
         state = dict(self.__dict__)
         state.pop("_packed", None)
+        state.pop("_bound", None)
         return state
 
     @property
