@@ -84,3 +84,60 @@ def test_float32_decode_with_native_attention_equals_pytorch_attention():
         ref = m(torch.tensor([[3]]), torch.tensor([[6]]), cache, rows=slice(2, 3))
     got = m(torch.tensor([[3]]), torch.tensor([[6]]), cache, rows=slice(2, 3))
     assert (got - ref).abs().max() / ref.abs().max() < 1e-5
+
+
+def test_rms_norm_and_silu_mul_equal_pytorch():
+    g = torch.Generator().manual_seed(7)
+    for C in (576, 64, 13):
+        x, w = torch.randn(5, C, generator=g) * 4, torch.randn(C, generator=g)
+        ref = torch.nn.functional.rms_norm(x.double(), (C,), w.double(), 1e-5).float()
+        assert (native.rms_norm(x, w, 1e-5) - ref).abs().max() / ref.abs().max() < 1e-6
+    for F in (1536, 40, 7):
+        gu = torch.randn(3, 2 * F, generator=g) * 6
+        gu[0, :4] = torch.tensor([0.0, -100.0, 100.0, -1e-8])  # saturation and the sign boundary
+        gate, up = gu.double().chunk(2, -1)
+        ref = (torch.nn.functional.silu(gate) * up).float()
+        got = native.silu_mul(gu)
+        assert got.shape == (3, F) and torch.isfinite(got).all()
+        assert (got - ref).abs().max() / ref.abs().max() < 1e-6
+    with pytest.raises(ValueError):
+        native.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-5)
+    with pytest.raises(ValueError):
+        native.silu_mul(torch.randn(2, 7))
+
+
+def test_rope_store_equals_the_reference_rope_and_cache_write():
+    from logitlab.model.transformer import apply_rope, rope_tables
+
+    from tiny import tiny_config
+
+    cfg = tiny_config(num_heads=4, num_kv_heads=2, head_dim=16)
+    H, K, D = 4, 2, 16
+    cos_t, sin_t = rope_tables(cfg, 50)
+    g = torch.Generator().manual_seed(8)
+    B, slots, max_pos, slot0 = 3, 5, 50, 1
+    qkv = torch.randn(B, (H + 2 * K) * D, generator=g)
+    pos = torch.tensor([0, 17, 49])
+    k_cache, v_cache = torch.zeros(slots, K, max_pos, D), torch.zeros(slots, K, max_pos, D)
+    q = native.rope_store(qkv, H, cos_t[pos].contiguous(), sin_t[pos].contiguous(), k_cache, v_cache, slot0, pos)
+    heads = qkv.view(B, H + 2 * K, D)
+    rotated = apply_rope(heads[:, : H + K], cos_t[pos].unsqueeze(1), sin_t[pos].unsqueeze(1))
+    assert (q - rotated[:, :H]).abs().max() < 1e-6
+    for b in range(B):
+        assert (k_cache[slot0 + b, :, pos[b]] - rotated[b, H:]).abs().max() < 1e-6
+        assert torch.equal(v_cache[slot0 + b, :, pos[b]], heads[b, H + K :])
+    written = torch.zeros(slots, max_pos, dtype=torch.bool)
+    written[slot0 + torch.arange(B), pos] = True
+    assert (k_cache.abs().sum((1, 3)) > 0).eq(written).all()  # nothing else touched
+    before = k_cache.clone()
+    native.rope_store(qkv[:1], H, cos_t[:1].contiguous(), sin_t[:1].contiguous(), k_cache, v_cache, 0,
+                      torch.tensor([max_pos]))  # out of range: no write
+    assert torch.equal(k_cache, before)
+
+
+def test_model_uses_pytorch_code_while_gradients_are_wanted():
+    m = tiny_model()
+    toks, pos = torch.tensor([[1, 2, 3]]), torch.arange(3).unsqueeze(0)
+    out = m(toks, pos)
+    out.sum().backward()  # the native kernels have no autograd: with grad enabled they are not used
+    assert m.model.layers[0].input_layernorm.weight.grad is not None

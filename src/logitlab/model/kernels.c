@@ -12,6 +12,7 @@
    the scalar loop below is what the compiler vectorizes. */
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -123,7 +124,7 @@ static inline __m512 exp_nonpos(__m512 x) {
 }
 #endif
 
-#include <math.h>
+
 
 static void attend_one(const float *q, const float *k, const float *v, int64_t n, int64_t D, float scale,
                        float *s, float *out) {
@@ -189,5 +190,66 @@ void attend_decode(const float *q, int64_t q_row_stride, const float *k_cache, c
                        out + (b * H + h) * D);
         }
         free(s);
+    }
+}
+
+/* ---- the small ops of a decode layer -------------------------------------------------------------
+   Each of these is a handful of PyTorch ops (and their per-call overhead, ~2-10 us each) in the
+   reference code of transformer.py; one call here does the same arithmetic in one pass. */
+
+/* out[n] = x[n] / sqrt(mean(x[n]^2) + eps) * w, for N rows of C. */
+void rms_norm(const float *x, int64_t N, int64_t C, const float *w, float eps, float *out) {
+    for (int64_t n = 0; n < N; n++) {
+        const float *xn = x + n * C;
+        float *on = out + n * C;
+        double ss = 0.0;
+        for (int64_t c = 0; c < C; c++) ss += (double)xn[c] * xn[c];
+        float r = 1.0f / sqrtf((float)(ss / C) + eps);
+        for (int64_t c = 0; c < C; c++) on[c] = xn[c] * r * w[c];
+    }
+}
+
+/* gu [N, 2F] = (gate | up) -> out [N, F] = silu(gate) * up, silu(g) = g / (1 + e^-g). */
+void silu_mul(const float *gu, int64_t N, int64_t F, float *out) {
+    for (int64_t n = 0; n < N; n++) {
+        const float *g = gu + n * 2 * F, *u = g + F;
+        float *o = out + n * F;
+        int64_t f = 0;
+#ifdef __AVX512F__
+        for (; f + 16 <= F; f += 16) {
+            __m512 x = _mm512_loadu_ps(g + f);
+            /* t = e^-|x| <= 1; silu = x / (1 + t) for x >= 0, x t / (1 + t) for x < 0 */
+            __m512 t = exp_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+            __m512 num = _mm512_mask_mul_ps(x, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), x, t);
+            __m512 s = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), t));
+            _mm512_storeu_ps(o + f, _mm512_mul_ps(s, _mm512_loadu_ps(u + f)));
+        }
+#endif
+        for (; f < F; f++) o[f] = g[f] / (1.0f + expf(-g[f])) * u[f];
+    }
+}
+
+/* One new token per row, straight from the fused projection qkv [B, (H + 2K) D]: rotate the queries
+   (-> q_out [B, H, D]) and the keys by RoPE (x cos + roll(x, D/2) signed_sin, tables [B, D] at each
+   row's position), and write keys and values into the cache at [slot0 + b, kv, pos[b]] (nothing for a
+   position outside [0, max_pos)). */
+void rope_store(const float *qkv, int64_t B, int64_t H, int64_t K, int64_t D, const float *cos_,
+                const float *sin_, float *q_out, float *k_cache, float *v_cache, int64_t slot0, int64_t max_pos,
+                const int64_t *pos) {
+    int64_t half = D / 2, width = (H + 2 * K) * D;
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = qkv + b * width, *c = cos_ + b * D, *s = sin_ + b * D;
+        int store = pos[b] >= 0 && pos[b] < max_pos;
+        for (int64_t h = 0; h < (store ? H + K : H); h++) {
+            const float *x = row + h * D;
+            float *dst = h < H ? q_out + (b * H + h) * D
+                               : k_cache + (((slot0 + b) * K + (h - H)) * max_pos + pos[b]) * D;
+            for (int64_t d = 0; d < D; d++) dst[d] = x[d] * c[d] + x[(d + half) % D] * s[d];
+        }
+        for (int64_t kv = 0; kv < (store ? K : 0); kv++) {
+            const float *x = row + (H + K + kv) * D;
+            float *dst = v_cache + (((slot0 + b) * K + kv) * max_pos + pos[b]) * D;
+            for (int64_t d = 0; d < D; d++) dst[d] = x[d];
+        }
     }
 }

@@ -7,6 +7,8 @@
 - ``attend_decode``: one new token's attention over the KV cache. PyTorch spends it in the set-up of
   tiny batched matmuls; one pass over the keys and one over the values per (row, head) is several
   times faster.
+- ``rms_norm``, ``silu_mul``, ``rope_store``: the small ops of a decode layer, each a handful of
+  PyTorch ops (and their per-call overhead) in one pass.
 
 The C file ships inside the package and is compiled on first use with the system C compiler
 (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``, about a second) into ``$LOGITLAB_HOME/kernels``,
@@ -81,6 +83,12 @@ def _library():
     lib.q8_matmul.restype = None
     lib.attend_decode.argtypes = [p, i64, p, p, i64, i64, i64, i64, i64, i64, p, ctypes.c_float, p]
     lib.attend_decode.restype = None
+    lib.rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
+    lib.rms_norm.restype = None
+    lib.silu_mul.argtypes = [p, i64, i64, p]
+    lib.silu_mul.restype = None
+    lib.rope_store.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i64, i64, p]
+    lib.rope_store.restype = None
     return lib
 
 
@@ -143,3 +151,47 @@ def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _library().attend_decode(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), slot0, B, H, K,
                              max_pos, D, lens.data_ptr(), D**-0.5, out.data_ptr())
     return out
+
+
+def _f32(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [N, C] / sqrt(mean(x^2) + eps) * weight [C], float32, contiguous."""
+    if x.dim() != 2 or weight.shape != x.shape[1:] or not _f32(x, weight):
+        raise ValueError("rms_norm takes contiguous float32 x [N, C] and weight [C]")
+    out = torch.empty_like(x)
+    _library().rms_norm(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[N, 2F] = (gate | up) -> silu(gate) * up [N, F], float32, contiguous."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or not _f32(gate_up):
+        raise ValueError("silu_mul takes contiguous float32 [N, 2F]")
+    N, F2 = gate_up.shape
+    out = torch.empty(N, F2 // 2)
+    _library().silu_mul(gate_up.data_ptr(), N, F2 // 2, out.data_ptr())
+    return out
+
+
+def rope_store(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, signed_sin: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, slot0: int, positions: torch.Tensor) -> torch.Tensor:
+    """One new token per row: qkv [B, (H + 2K) D] -> RoPE'd queries [B, H, D]; the RoPE'd keys and the
+    values are written into slots ``slot0 + b`` of the layer's caches [slots, K, max_pos, D] at
+    ``positions [B]`` (a position outside [0, max_pos) writes nothing). cos / signed_sin [B, D]
+    (model.transformer.rope_tables at each position)."""
+    slots, K, max_pos, D = k_cache.shape
+    B = qkv.shape[0]
+    if not _f32(qkv, cos, signed_sin, k_cache, v_cache) or v_cache.shape != k_cache.shape:
+        raise ValueError("rope_store takes contiguous float32 tensors and equal caches")
+    if qkv.shape != (B, (num_heads + 2 * K) * D) or cos.shape != (B, D) or signed_sin.shape != (B, D):
+        raise ValueError(f"rope_store: qkv {tuple(qkv.shape)} for {num_heads} heads, cache {tuple(k_cache.shape)}")
+    positions = positions.to(torch.int64).contiguous()
+    if positions.shape != (B,) or not 0 <= slot0 <= slots - B:
+        raise ValueError("rope_store: one position per row, slots within the cache")
+    q = torch.empty(B, num_heads, D)
+    _library().rope_store(qkv.data_ptr(), B, num_heads, K, D, cos.data_ptr(), signed_sin.data_ptr(), q.data_ptr(),
+                          k_cache.data_ptr(), v_cache.data_ptr(), slot0, max_pos, positions.data_ptr())
+    return q

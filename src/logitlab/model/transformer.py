@@ -25,6 +25,13 @@ from .cache import KVCache
 from .config import ModelConfig
 
 
+def _native_ok() -> bool:
+    """The native kernels (model/kernels.c) compute without autograd: inference only. Where they cannot
+    be built, or while gradients are wanted, the PyTorch code below runs (and is the reference they are
+    tested against)."""
+    return not torch.is_grad_enabled() and native.available()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -32,7 +39,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused call
+        if x.dtype == torch.float32:
+            if x.dim() == 2 and _native_ok() and x.is_contiguous():  # one pass, no op overhead
+                return native.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         # Normalise in float32 whatever the weight dtype (as the reference does), then scale.
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
@@ -119,6 +128,11 @@ class Attention(nn.Module):
         B, T = step.positions.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
+        if step.native_lens is not None:  # decode: RoPE, cache write and attention in native kernels
+            k_cache, v_cache = layer_cache
+            q = native.rope_store(qkv, H, step.cos.view(B, D), step.sin.view(B, D), k_cache, v_cache,
+                                  step.rows.start, step.positions.view(B))
+            return self.o_proj(native.attend_decode(q, k_cache, v_cache, step.rows.start, step.native_lens))
         # RoPE on queries and keys together: one [B, T, H + K, D] tensor
         qk = apply_rope(qkv[:, : (H + K) * D].view(B, T, H + K, D), step.cos, step.sin)
         q, k = qk[:, :, :H], qk[:, :, H:]  # [B, T, H, D], [B, T, K, D]
@@ -130,9 +144,6 @@ class Attention(nn.Module):
             kc, vc = k_cache[step.rows], v_cache[step.rows]  # views [B, K, max_len + 1, D]
             kc[step.batch_idx, :, step.positions] = k.to(kc.dtype)  # indexed shape [B, T, K, D]
             vc[step.batch_idx, :, step.positions] = v.to(vc.dtype)
-            if step.native_lens is not None:  # decode: the native kernel reads the cache in place
-                out = native.attend_decode(q[:, 0], k_cache, v_cache, step.rows.start, step.native_lens)
-                return self.o_proj(out)
             keys, values = kc[:, :, : step.key_len], vc[:, :, : step.key_len]  # only the filled part
         out = attend(q, keys.to(q.dtype), values.to(q.dtype), step)  # [B, T, H*D]
         return self.o_proj(out.view(B * T, H * D))
@@ -146,7 +157,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, c, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.dtype == torch.float32 and gate_up.dim() == 2 and _native_ok():
+            return self.down_proj(native.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate).mul_(up))
 
 
@@ -257,7 +271,7 @@ class Transformer(nn.Module):
         cos = self.rope_cos[positions].unsqueeze(2).to(self.dtype)  # [B, T, 1, D]
         sin = self.rope_sin[positions].unsqueeze(2).to(self.dtype)
         native_decode = (cache is not None and T == 1 and self.dtype == torch.float32 and cache.dtype == torch.float32
-                         and isinstance(rows, slice) and rows.step in (None, 1) and native.available())
+                         and isinstance(rows, slice) and rows.step in (None, 1) and _native_ok())
         step = Step(cos, sin, positions, key_len, mask, self.config.num_heads // self.config.num_kv_heads, rows,
                     native_decode)
 
