@@ -141,3 +141,29 @@ def test_model_uses_pytorch_code_while_gradients_are_wanted():
     out = m(toks, pos)
     out.sum().backward()  # the native kernels have no autograd: with grad enabled they are not used
     assert m.model.layers[0].input_layernorm.weight.grad is not None
+
+
+def test_float32_matmul_equals_pytorch():
+    g = torch.Generator().manual_seed(9)
+    for n_in in (576, 1536, 100, 7):
+        w = torch.randn(37, n_in, generator=g)
+        for rows in (1, 2, 4, 6):
+            x = torch.randn(rows, n_in, generator=g)
+            ref = (x.double() @ w.double().T).float()
+            assert (native.f32_matmul(x, w) - ref).abs().max() / ref.abs().max() < 1e-6
+    with pytest.raises(ValueError):
+        native.f32_matmul(torch.randn(1, 8), torch.randn(4, 8).T)  # not contiguous
+
+
+@torch.inference_mode()
+def test_float32_linear_layers_use_the_native_kernel_for_decode_rows(monkeypatch):
+    m = tiny_model()
+    calls = []
+    real = native.f32_matmul
+    monkeypatch.setattr(native, "f32_matmul", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    m(torch.tensor([[1, 2, 3, 4, 5, 6]]), torch.arange(6).unsqueeze(0))  # prefill: 6 rows, F.linear
+    assert calls == [1]  # only the LM head, on the last position
+    calls.clear()
+    lin = m.model.layers[0].mlp.down_proj
+    x = torch.randn(3, lin.in_features)
+    assert (lin(x) - torch.nn.functional.linear(x, lin.weight)).abs().max() < 1e-5 and calls == [3]

@@ -84,6 +84,31 @@ ROWS_KERNEL(2)
 ROWS_KERNEL(3)
 ROWS_KERNEL(4)
 
+/* The same product for float32 weights (the default dtype): y[r][o] = sum_i x[r][i] * w[o][i]. */
+static inline float dot_f32(const float *x, const float *w, int64_t in) {
+    int64_t i = 0;
+    float s = 0.f;
+#ifdef __AVX512F__
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; i + 64 <= in; i += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= in; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+    for (; i < in; i++) s += x[i] * w[i];
+    return s;
+}
+
+void f32_matmul(const float *x, int64_t rows, int64_t in, const float *w, int64_t out, float *y) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t r = 0; r < rows; r++) y[r * out + o] = dot_f32(x + r * in, w + o * in, in);
+}
+
 /* x [rows, in] float32, q [out, in] int8, scale [out] float32 -> y [rows, out] float32; all contiguous. */
 void q8_matmul(const float *x, int64_t rows, int64_t in, const int8_t *q, const float *scale, int64_t out,
                float *y) {

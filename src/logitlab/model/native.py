@@ -7,6 +7,7 @@
 - ``attend_decode``: one new token's attention over the KV cache. PyTorch spends it in the set-up of
   tiny batched matmuls; one pass over the keys and one over the values per (row, head) is several
   times faster.
+- ``f32_matmul``: the same streaming product for float32 weights (the default dtype).
 - ``rms_norm``, ``silu_mul``, ``rope_store``: the small ops of a decode layer, each a handful of
   PyTorch ops (and their per-call overhead) in one pass.
 
@@ -83,6 +84,8 @@ def _library():
     lib.q8_matmul.restype = None
     lib.attend_decode.argtypes = [p, i64, p, p, i64, i64, i64, i64, i64, i64, p, ctypes.c_float, p]
     lib.attend_decode.restype = None
+    lib.f32_matmul.argtypes = [p, i64, i64, p, i64, p]
+    lib.f32_matmul.restype = None
     lib.rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
     lib.rms_norm.restype = None
     lib.silu_mul.argtypes = [p, i64, i64, p]
@@ -128,6 +131,16 @@ def q8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> to
         raise ValueError(f"q8_matmul: shapes {tuple(x.shape)} @ {tuple(qweight.shape)} / {tuple(scale.shape)}")
     y = torch.empty(rows, n_out)
     _library().q8_matmul(x.data_ptr(), rows, n_in, qweight.data_ptr(), scale.data_ptr(), n_out, y.data_ptr())
+    return y
+
+
+def f32_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [R, in] @ weight [out, in]^T, float32, contiguous: the float32 decode matmul (weights streamed
+    once; PyTorch's one-row F.linear reaches about half the bandwidth)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or not _f32(x, weight):
+        raise ValueError("f32_matmul takes contiguous float32 x [R, in] and weight [out, in]")
+    y = torch.empty(x.shape[0], weight.shape[0])
+    _library().f32_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.shape[0], y.data_ptr())
     return y
 
 
