@@ -162,3 +162,14 @@ def test_loaded_int8_models_are_packed(tmp_path):
         m = load_or_build(cfg, lambda: tiny_state_dict(cfg), "int8", src, tmp_path)
         lins = [x for x in m.modules() if isinstance(x, Int8Linear)]
         assert lins and all("_packed" in x.__dict__ for x in lins)
+
+
+def test_int8_linear_follows_weights_loaded_after_first_use():
+    """The native path caches float32 scales per weight tensor: a load that replaces the buffers (same
+    shapes) must be seen, never the old scales."""
+    g = torch.Generator().manual_seed(10)
+    a, b = Int8Linear(torch.randn(16, 32, generator=g)), Int8Linear(torch.randn(16, 32, generator=g) * 5)
+    x = torch.randn(1, 32, generator=g)
+    a(x)
+    a.load_state_dict(b.state_dict(), assign=True)
+    assert (a(x) - x @ b.dequantized().T).abs().max() < 1e-4 * (x @ b.dequantized().T).abs().max() + 2e-2

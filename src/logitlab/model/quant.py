@@ -74,17 +74,13 @@ class Int8Linear(nn.Module):
         return True
 
     def _native(self, x: torch.Tensor) -> torch.Tensor:
-        """native.q8_matmul without its per-call checks (a decode step makes ~120 of these calls, and
-        the checks cost twice the call): the weights were checked once, when first seen here."""
-        bound = self.__dict__.get("_bound")
-        if bound is None or bound[0] is not self.qweight or bound[1] is not self.scale:
-            native.q8_matmul(torch.zeros(1, self.in_features), self.qweight, self.scale_f32)  # checks
-            s = self.scale_f32
-            bound = self.__dict__["_bound"] = (self.qweight, self.scale, s, self.qweight.data_ptr(), s.data_ptr())
+        """native.q8_matmul without its per-call checks (a decode step makes ~120 of these calls): the
+        operands are checked once per weight tensor, in ``scale_f32``."""
+        s = self.scale_f32
         x = x.contiguous()
         y = torch.empty(x.shape[0], self.out_features)
-        native.library().q8_matmul(x.data_ptr(), x.shape[0], self.in_features, bound[3], bound[4], self.out_features,
-                                   y.data_ptr())
+        native.library().q8_matmul(x.data_ptr(), x.shape[0], self.in_features, self.qweight.data_ptr(), s.data_ptr(),
+                                   self.out_features, y.data_ptr())
         return y
 
     def __getstate__(self):
@@ -97,11 +93,15 @@ class Int8Linear(nn.Module):
 
     @property
     def scale_f32(self) -> torch.Tensor:
-        """The scales in float32 for the native kernel (computed once; the weights never change)."""
-        s = self.__dict__.get("_scale_f32")
-        if s is None or s.shape != self.scale.shape:
-            s = self.__dict__["_scale_f32"] = self.scale.float()
-        return s
+        """The scales in float32 for the native kernel: computed, and the operands checked, once per
+        weight tensor (again only if a load replaces the buffers)."""
+        bound = self.__dict__.get("_bound")
+        if bound is None or bound[0] is not self.qweight or bound[1] is not self.scale:
+            s = self.scale.float()
+            if native.available():
+                native.q8_matmul(torch.zeros(1, self.in_features), self.qweight, s)  # raises on bad operands
+            bound = self.__dict__["_bound"] = (self.qweight, self.scale, s)
+        return bound[2]
 
     def dequantized(self) -> torch.Tensor:
         """The exact quantized weights ``q * s`` in float32."""
