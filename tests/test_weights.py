@@ -754,7 +754,11 @@ def test_hf_directory_that_does_not_match_its_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="missing"):
         load_weights(str(tmp_path))
-    cfg |= {"num_hidden_layers": 2, "model_type": "gpt2"}
+    cfg |= {"num_hidden_layers": 2, "model_type": "falcon"}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="architecture 'gpt2'"):
+    with pytest.raises(ValueError, match="architecture 'falcon'"):
+        load_weights(str(tmp_path))
+    cfg["model_type"] = "gpt2"  # a Llama checkpoint labelled GPT-2: no GPT-2 shape keys
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="GPT-2 config.json vocab_size|GPT-2 config.json n_embd"):
         load_weights(str(tmp_path))

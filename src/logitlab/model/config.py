@@ -1,8 +1,17 @@
-"""One description of a decoder-only (Llama-architecture) transformer, whatever file it came from."""
+"""One description of a decoder-only transformer, whatever file it came from.
+
+One model family, configured rather than forked: Llama (RMSNorm, RoPE, SwiGLU, no biases) and GPT-2
+(LayerNorm with bias, learned absolute positions, GELU MLP, biases) differ only in the fields below the
+shape, and share one attention, one KV cache and every decoding path."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+NORMS = ("rmsnorm", "layernorm")
+PLACEMENTS = ("pre", "post")
+POSITIONS = ("rope", "learned")
+MLPS = ("swiglu", "gelu", "gelu_tanh")
 
 
 @dataclass(frozen=True)
@@ -18,7 +27,22 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
-    architecture: str = "llama"
+    architecture: str = "llama"  # what the checkpoint calls itself ("llama", "gpt2", ...)
+    # --- the choices that make the family (defaults: Llama) ---
+    norm: str = "rmsnorm"  # "rmsnorm" | "layernorm" (with bias); eps is rms_norm_eps for both
+    norm_placement: str = "pre"  # "pre": x + f(norm(x)); "post": norm(x + f(x)) (original Transformer)
+    position: str = "rope"  # "rope" | "learned" (absolute position table added to the embeddings)
+    mlp: str = "swiglu"  # "swiglu" | "gelu" (exact) | "gelu_tanh" (GPT-2's "gelu_new")
+    bias: bool = False  # biases in the attention and MLP projections
+
+    def __post_init__(self):
+        for name, allowed in (("norm", NORMS), ("norm_placement", PLACEMENTS), ("position", POSITIONS),
+                              ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.num_heads % self.num_kv_heads or self.num_heads <= 0:
+            raise ValueError(f"model: num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                             f"{self.num_kv_heads}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -27,8 +27,11 @@ INT8_MAX_ROWS = 4  # measured: beyond 4-8 rows the bfloat16 GEMM beats the int8 
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor):
+    """int8 weights (per-row scales) and, where the layer had one, its float32 bias (GPT-2)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         w = weight.detach().float()
         # The kernel takes bfloat16 scales: round the scale up a little first so that, after rounding
         # to bfloat16, max|w| / scale still fits in 127, then quantize against the stored scale.
@@ -40,10 +43,11 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = w.shape
 
     @classmethod
-    def empty(cls, out_features: int, in_features: int) -> Int8Linear:
+    def empty(cls, out_features: int, in_features: int, bias: bool = False) -> Int8Linear:
         """Uninitialised buffers of the right shapes and dtypes (to be filled by load_state_dict)."""
         m = cls.__new__(cls)
         nn.Module.__init__(m)
+        m.register_buffer("bias", torch.empty(out_features) if bias else None)
         m.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
         m.register_buffer("scale", torch.empty(out_features, dtype=torch.bfloat16))
         m.register_buffer("dequant", torch.empty(out_features, in_features, dtype=torch.bfloat16))
@@ -63,6 +67,8 @@ class Int8Linear(nn.Module):
         else:  # PyTorch's int8 kernel (bfloat16 activations)
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale)
         y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def pack_for_gemm(self) -> bool:
@@ -133,6 +139,7 @@ def quantize_int8(model: nn.Module, empty: bool = False) -> nn.Module:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                q = Int8Linear.empty(*child.weight.shape) if empty else Int8Linear(child.weight)
+                q = (Int8Linear.empty(*child.weight.shape, bias=child.bias is not None) if empty
+                     else Int8Linear(child.weight, child.bias))
                 setattr(module, name, q)
     return model

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .quant import pack_for_gemm, quantize_int8
-from .transformer import Transformer, rope_tables
+from .transformer import Transformer
 
 FORMAT = 2  # 2: int8 layers keep a bfloat16 (was float32) dequantized copy
 
@@ -59,7 +59,7 @@ def load_or_build(config: ModelConfig, state_dict_fn, dtype: str, source: Path |
         model.load_state_dict(tensors, strict=True, assign=True)
         if tied:
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.rope_cos, model.rope_sin = rope_tables(config, config.context_length + 1)
+        model.set_rope_tables()
         return pack_for_gemm(model.eval()) if dtype == "int8" else model.eval()
     model = build_model(config, state_dict_fn(), dtype)
     sd = model.state_dict()

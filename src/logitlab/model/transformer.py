@@ -1,15 +1,21 @@
-"""A decoder-only transformer (Llama architecture), written to read like the math.
+"""A decoder-only transformer, written to read like the math. One family, configured (``ModelConfig``):
 
-    h_0     = E[x]                                   token embedding
-    a_l     = h_l + Attn(RMSNorm(h_l))               pre-norm, residual
-    h_{l+1} = a_l + MLP(RMSNorm(a_l))                MLP(x) = W_down (silu(W_gate x) * W_up x)
-    logits  = RMSNorm(h_L) E^T                       tied (or separate) LM head
+    h_0     = E[x]  (+ P[pos] with learned positions)   token (and absolute position) embedding
+    a_l     = h_l + Attn(Norm(h_l))                    pre-norm, residual
+    h_{l+1} = a_l + MLP(Norm(a_l))                     MLP(x) = W_down (silu(W_gate x) * W_up x)   (SwiGLU)
+                                                              or W_down gelu(W_up x + b) + b        (GELU)
+    logits  = Norm(h_L) E^T                            tied (or separate) LM head
+
+Llama: RMSNorm, RoPE, SwiGLU, no biases. GPT-2: LayerNorm with bias, learned positions, GELU, biases.
+``norm_placement="post"`` is the original Transformer's ``a_l = Norm(h_l + Attn(h_l))`` (seed 004 compares
+the two); the final norm stays, so both placements share one checkpoint layout.
 
 Attention is grouped-query (``num_kv_heads`` key/value heads shared by ``num_heads`` query heads), with
-rotary position embeddings (rotate-half convention, as Hugging Face stores Llama weights) and 1/sqrt(d)
-scaling. Prefill and one-token decode are the same ``forward``: tokens ``[B, T]`` at explicit
-``positions [B, T]``. With a cache, new keys/values are written in place at those positions and the
-queries attend to the filled part of the cache; without one, they attend to the given tokens only.
+rotary position embeddings (rotate-half convention, as Hugging Face stores Llama weights) or none (learned
+absolute positions enter at the embedding), and 1/sqrt(d) scaling. Prefill and one-token decode are the
+same ``forward``: tokens ``[B, T]`` at explicit ``positions [B, T]``. With a cache, new keys/values are
+written in place at those positions and the queries attend to the filled part of the cache; without one,
+they attend to the given tokens only.
 
 Shapes: B batch, T new tokens, L attended keys, H query heads, K kv heads, D head_dim, C hidden size.
 """
@@ -39,8 +45,9 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (x.dim() == 2 and x.shape[0] <= 4 and x.dtype == torch.float32 and w.dtype == torch.float32
-                and self.bias is None and w.is_contiguous() and _native_ok()):
-            return native.f32_matmul(x.contiguous(), w)
+                and w.is_contiguous() and _native_ok()):
+            y = native.f32_matmul(x.contiguous(), w)
+            return y if self.bias is None else y.add_(self.bias)
         return super().forward(x)
 
 
@@ -57,6 +64,22 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         # Normalise in float32 whatever the weight dtype (as the reference does), then scale.
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm with bias (GPT-2); in float32 whatever the weight dtype, as RMSNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 or x.dtype == self.weight.dtype:
+            return super().forward(x)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "layernorm":
+        return LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 def rope_tables(config: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,11 +113,12 @@ class Step:
     when the native decode-attention kernel runs (one new float32 token per row against the cache), else
     None."""
 
-    def __init__(self, cos, sin, positions, key_len, mask, groups, rows, native_decode=False):
+    def __init__(self, cos, sin, positions, key_len, mask, groups, rows, native_decode=False, causal=False):
         self.cos, self.sin, self.positions, self.key_len = cos, sin, positions, key_len
         self.mask, self.rows = mask, rows
         self.batch_idx = torch.arange(positions.shape[0]).unsqueeze(1)
         self.small = positions.shape[1] <= 16
+        self.causal = causal  # no cache, no padding: the fused kernel's own causal mask (training)
         self.native_lens = None
         if native_decode:  # padding rows sit at the scratch position: they read every key; harmless
             self.native_lens = positions[:, 0].clamp(max=key_len - 1) + 1
@@ -113,8 +137,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> tor
     the fused kernel."""
     B, T, H, D = q.shape
     K = k.shape[1]
+    if step.causal:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, enable_gqa=K != H)
+        return out.transpose(1, 2).reshape(B, T, H * D)
     if not step.small:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=step.mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=step.mask, enable_gqa=K != H)
         return out.transpose(1, 2).reshape(B, T, H * D)
     G = H // K
     # heads h = kv * G + g; (g, t) fold into one axis, in the order step.bias was repeated in
@@ -130,10 +157,11 @@ class Attention(nn.Module):
         super().__init__()
         c, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
+        self.rope = config.position == "rope"
         # W_q, W_k, W_v stacked into one matrix: one matmul instead of three per layer (decode is a
         # matrix-vector product per weight, so fewer, larger calls waste less time between them).
-        self.qkv_proj = Linear(c, (h + 2 * k) * d, bias=False)
-        self.o_proj = Linear(h * d, c, bias=False)
+        self.qkv_proj = Linear(c, (h + 2 * k) * d, bias=config.bias)
+        self.o_proj = Linear(h * d, c, bias=config.bias)
 
     def forward(self, x: torch.Tensor, step: Step, layer_cache) -> torch.Tensor:
         """x [B*T, C] -> [B*T, C]."""
@@ -145,8 +173,9 @@ class Attention(nn.Module):
             q = native.rope_store(qkv, H, step.cos.view(B, D), step.sin.view(B, D), k_cache, v_cache,
                                   step.rows.start, step.positions.view(B))
             return self.o_proj(native.attend_decode(q, k_cache, v_cache, step.rows.start, step.native_lens))
-        # RoPE on queries and keys together: one [B, T, H + K, D] tensor
-        qk = apply_rope(qkv[:, : (H + K) * D].view(B, T, H + K, D), step.cos, step.sin)
+        qk = qkv[:, : (H + K) * D].view(B, T, H + K, D)
+        if self.rope:  # RoPE on queries and keys together: one [B, T, H + K, D] tensor
+            qk = apply_rope(qk, step.cos, step.sin)
         q, k = qk[:, :, :H], qk[:, :, H:]  # [B, T, H, D], [B, T, K, D]
         v = qkv[:, (H + K) * D :].view(B, T, K, D)
         if layer_cache is None:
@@ -162,13 +191,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU (``gate_up_proj``: W_gate and W_up stacked, one matmul) or GELU (``up_proj``)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         c, f = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = Linear(c, 2 * f, bias=False)  # W_gate and W_up stacked: one matmul
-        self.down_proj = Linear(f, c, bias=False)
+        self.kind = config.mlp
+        if self.kind == "swiglu":
+            self.gate_up_proj = Linear(c, 2 * f, bias=config.bias)
+        else:
+            self.up_proj = Linear(c, f, bias=config.bias)
+        self.down_proj = Linear(f, c, bias=config.bias)
 
     def forward(self, x):
+        if self.kind != "swiglu":
+            return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh" if self.kind == "gelu_tanh" else "none"))
         gate_up = self.gate_up_proj(x)
         if gate_up.dtype == torch.float32 and gate_up.dim() == 2 and _native_ok():
             return self.down_proj(native.silu_mul(gate_up))
@@ -179,14 +216,18 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.pre_norm = config.norm_placement == "pre"
+        self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, h: torch.Tensor, step: Step, layer_cache) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), step, layer_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if self.pre_norm:
+            h = h + self.self_attn(self.input_layernorm(h), step, layer_cache)
+            return h + self.mlp(self.post_attention_layernorm(h))
+        h = self.input_layernorm(h + self.self_attn(h, step, layer_cache))
+        return self.post_attention_layernorm(h + self.mlp(h))
 
 
 def fuse_state_dict(state_dict: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
@@ -214,12 +255,21 @@ class Transformer(nn.Module):
         # normal_() on the meta device costs seconds of one-time set-up).
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                                _weight=torch.empty(config.vocab_size, config.hidden_size))
+        if config.position == "learned":
+            self.model.embed_positions = nn.Embedding(
+                config.context_length, config.hidden_size,
+                _weight=torch.empty(config.context_length, config.hidden_size))
         self.model.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.model.norm = make_norm(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_tables(config, config.context_length + 1)  # +1: the cache's scratch position
+        self.set_rope_tables()
+
+    def set_rope_tables(self) -> None:
+        """(Re)build the RoPE tables (not saved with the weights); +1 row: the cache's scratch position."""
+        cos, sin = rope_tables(self.config, self.config.context_length + 1) if self.config.position == "rope" \
+            else (torch.empty(0), torch.empty(0))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -233,8 +283,7 @@ class Transformer(nn.Module):
         model.load_state_dict(sd, strict=True, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        cos, sin = rope_tables(config, config.context_length + 1)
-        model.rope_cos, model.rope_sin = cos, sin
+        model.set_rope_tables()
         return model.to(dtype).eval()
 
     @property
@@ -280,14 +329,21 @@ class Transformer(nn.Module):
             # causal by position, and padded keys hidden; a padded query sees itself so no row is empty.
             mask = (positions.unsqueeze(1) <= positions.unsqueeze(2)) & valid.unsqueeze(1)
             mask = (mask | torch.eye(T, dtype=torch.bool)).unsqueeze(1)  # [B, 1, T, T]
-        cos = self.rope_cos[positions].unsqueeze(2).to(self.dtype)  # [B, T, 1, D]
-        sin = self.rope_sin[positions].unsqueeze(2).to(self.dtype)
-        native_decode = (cache is not None and T == 1 and self.dtype == torch.float32 and cache.dtype == torch.float32
-                         and isinstance(rows, slice) and rows.step in (None, 1) and _native_ok())
+        rope = self.config.position == "rope"
+        cos = sin = None
+        if rope:
+            cos = self.rope_cos[positions].unsqueeze(2).to(self.dtype)  # [B, T, 1, D]
+            sin = self.rope_sin[positions].unsqueeze(2).to(self.dtype)
+        native_decode = (rope and cache is not None and T == 1 and self.dtype == torch.float32
+                         and cache.dtype == torch.float32 and isinstance(rows, slice) and rows.step in (None, 1)
+                         and _native_ok())
+        causal = cache is None and bool(valid.all()) and T > 1
         step = Step(cos, sin, positions, key_len, mask, self.config.num_heads // self.config.num_kv_heads, rows,
-                    native_decode)
+                    native_decode, causal=causal and bool((positions[:, 1:] - positions[:, :-1] == 1).all()))
 
         h = self.model.embed_tokens(tokens.reshape(-1))  # [B*T, C]: every matmul sees one 2-D input
+        if not rope:  # learned absolute positions (padding sits at the scratch position: clamp, it is masked)
+            h = h + self.model.embed_positions(positions.clamp(max=self.config.context_length - 1).reshape(-1))
         layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
         for i, layer in enumerate(layers):
             h = layer(h, step, None if cache is None else (cache.k[i], cache.v[i]))

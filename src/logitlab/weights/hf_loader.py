@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from ..model.config import ModelConfig
 from .gguf_loader import expected_names
+from .gpt2 import config_from_hf_gpt2, hf_gpt2_to_ours
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gpt2")
 
 
 def _check_supported(cfg: dict) -> None:
@@ -49,14 +50,23 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def load_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(config, float32 state dict in Hugging Face Llama names) for a model directory."""
+    """(config, float32 state dict) for a model directory: Llama checkpoints in Hugging Face Llama names,
+    GPT-2 ones (``weights/gpt2.py``) already in ours."""
     path = Path(path)
-    cfg = json.loads((path / "config.json").read_text())
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"model: {path / 'config.json'} is not readable JSON ({type(e).__name__})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model: {path / 'config.json'} is not a JSON object")
     _check_supported(cfg)
-    config = ModelConfig.from_hf_config(cfg)
     state: dict[str, torch.Tensor] = {}
     for f in safetensors_files(path):
         state.update(load_file(str(f)))
+    if cfg.get("model_type") == "gpt2":
+        config = config_from_hf_gpt2(cfg)
+        return config, hf_gpt2_to_ours(state, config)
+    config = ModelConfig.from_hf_config(cfg)
     state = {
         k: v if v.dtype == torch.float32 else v.float()
         for k, v in state.items()
