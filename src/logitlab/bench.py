@@ -224,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         if not script.exists():
             raise ValueError("bench: --server needs the repository checkout (bench/server_bench.py)")
         return runpy.run_path(str(script))["main"](argv[1:])
-    p = argparse.ArgumentParser(prog="logitlab bench", epilog="`logitlab bench --server -h`: serving benchmark")
+    if argv and argv[0] == "--train":  # training throughput against transformers (bench_train.py)
+        from .bench_train import main as train_main
+
+        return train_main(argv[1:])
+    p = argparse.ArgumentParser(prog="logitlab bench", epilog="`logitlab bench --server -h`: serving benchmark; "
+                                "`logitlab bench --train -h`: training throughput")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="int8", choices=["float32", "bfloat16", "int8"])
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
