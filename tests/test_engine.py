@@ -106,9 +106,11 @@ def test_raw_logprobs_and_top_alternatives(tiny_engine):
 def test_echo_prompt_logprobs_equal_score(tiny_engine):
     text = "The quick brown fox"
     c = tiny_engine.generate(text, SamplingParams(max_tokens=1, echo=True, logprobs=0))[0].choices[0]
-    s = tiny_engine.score(text)
-    assert c.prompt_logprobs[0] is None
-    assert c.prompt_logprobs[-len(s.token_logprobs):] == pytest.approx(s.token_logprobs, abs=1e-4)
+    ids = tiny_engine.tokenizer.encode(text)
+    # the prompt's first token has no logprob (nothing before it); score the rest given that token
+    s = tiny_engine.score(tiny_engine.tokenizer.decode(ids[1:]), context=ids[:1])
+    assert c.prompt_logprobs[0] is None and len(s.token_logprobs) == len(ids) - 1
+    assert c.prompt_logprobs[1:] == pytest.approx(s.token_logprobs, abs=1e-4)
 
 
 @torch.inference_mode()

@@ -57,7 +57,7 @@ BAD = [
     ("temperature_presence_penalty", dict(temperature_presence_penalty=INF)),
     ("penalize_prompt", dict(penalize_prompt=1)), ("ignore_eos", dict(ignore_eos="yes")),
     ("echo", dict(echo=None)), ("explain", dict(explain=0)),
-    ("n", dict(n=0)), ("n", dict(n=129)), ("n", dict(n=True)),
+    ("n", dict(n=0)), ("n", dict(n=4097)), ("n", dict(n=True)),
     ("min_tokens", dict(min_tokens=-1)), ("min_tokens", dict(min_tokens=17)),
     ("min_tokens", dict(min_tokens=5, max_tokens=4)),
     ("logprobs", dict(logprobs=-1)), ("logprobs", dict(logprobs=21)), ("logprobs", dict(logprobs=True)),

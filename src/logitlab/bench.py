@@ -224,12 +224,16 @@ def main(argv: list[str] | None = None) -> int:
         if not script.exists():
             raise ValueError("bench: --server needs the repository checkout (bench/server_bench.py)")
         return runpy.run_path(str(script))["main"](argv[1:])
+    if argv and argv[0] == "--kv":  # paged KV cache: memory and prefix-cache figures (bench_kv.py)
+        from .bench_kv import main as kv_main
+
+        return kv_main(argv[1:])
     if argv and argv[0] == "--train":  # training throughput against transformers (bench_train.py)
         from .bench_train import main as train_main
 
         return train_main(argv[1:])
     p = argparse.ArgumentParser(prog="logitlab bench", epilog="`logitlab bench --server -h`: serving benchmark; "
-                                "`logitlab bench --train -h`: training throughput")
+                                "`logitlab bench --train -h`: training throughput; `logitlab bench --kv -h`: KV memory")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="int8", choices=["float32", "bfloat16", "int8"])
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")

@@ -1,20 +1,27 @@
 """``logitlab demo NAME``: the seeds' slides reproduced on the real model.
 
-Each demo prints what the slide shows (and, with ``plot=PATH``, draws it to a PNG with matplotlib's Agg
-backend). Every number comes from the same Engine, sampling pipeline and drivers as everything else.
+Each demo prints what the slide shows and, with ``plot=PATH``, draws it to a PNG with matplotlib's Agg backend
+(a demo with nothing to draw refuses ``--plot`` with a one-line error before any work). Every number comes from
+the same Engine, sampling pipeline and drivers as everything else. Where SmolLM2-135M cannot reproduce a
+slide's result, the demo says so and shows what the model does instead.
 
-    repetition   seed 000: the greedy repetition loop, and penalties (and contrastive decoding) breaking it
+    repetition   seed 000: the greedy "leg press" loop, set up on purpose, broken by each penalty
     temperature  seed 003: next-token distribution after "Once upon a time, there was a" at T = 0 and T = 5
     topk         seed 002: top-k on a peaked vs a flat prompt, and the probability mass k tokens keep
+    epsilon      seed 003: epsilon sampling: the long tail below epsilon removed, the rest renormalised
     fewshot      seed 000: few-shot sentiment classification and English -> German translation
+    yesno        seed 001: "Is the sky blue?" answered greedily with the output restricted to yes / no
     beam         seed 003: a beam search walk-through with n = 3
     kvcache      seed 000/003: cost per generated token with and without the KV cache, by context length
     contrastive  seed 003: greedy vs contrastive decoding (amateur = the model's first layers)
     speculative  seed 003: speculative decoding — same greedy text, acceptance rate and speed-up
+    game         seed 001: the summarization game: cross-entropy of a paragraph after each prefix
+    aot          seed 001: arrow of time: a tiny model trained forwards and backwards (a one-minute toy run)
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -23,6 +30,8 @@ import torch
 from .sampling import ParamError, SamplingParams
 
 GYM = "Yesterday I went to the gym and I was"
+# seed 000: "Here the 'leg press' pattern is introduced on purpose" -- the prompt already holds the loop
+LEG_PRESS = GYM + " doing my workout" + " and I was doing the leg press" * 4 + " and I was"
 ONCE = "Once upon a time, there was a"
 # seed 002's prompts ("The greatest basketball player of all time is...", "The car is...") had made-up
 # scores; on SmolLM2 the basketball prompt is not peaked, so the peaked example is a factual completion.
@@ -34,6 +43,15 @@ SENTIMENT_INPUTS = ["The leading actress did a wonderful job.", "I want my money
                     "A beautiful, moving film."]
 TRANSLATION = ("I love the beach / Ich liebe den Strand\nWhat time is it? / Wie spät ist es?\n"
                "The beer is ten dollars. / Das Bier kostet zehn Dollar.\nWhere can I get a coffee? /")
+SLIDE_TRANSLATION = " Wo kann ich einen Kaffee bekommen?"  # the slide's continuation
+YESNO = ("Is the sky blue?", "yes")  # seed 001's question and the answer a model that knows gives
+YESNO_CONTROL = ("Is the sun cold?", "no")  # the same form with the other answer: does the model tell them apart?
+GAME_PARAGRAPH = ("The tower is 330 metres tall, about the same height as an 81-storey building, and the tallest "
+                  "structure in Paris. It was designed by the engineer Gustave Eiffel for the 1889 World's Fair.")
+GAME_PREFIXES = ("Eiffel Tower", "The Eiffel Tower in Paris:", "Banana bread recipe")
+
+# demos that draw nothing, and why (``--plot`` is refused before any work)
+NO_PLOT = {"contrastive": "it compares generated texts side by side; there is nothing to draw"}
 
 
 def _print(out, *args):
@@ -61,8 +79,11 @@ def _distribution(engine, prompt: str, params: SamplingParams) -> torch.Tensor:
 
 
 def _savefig(fig, plot, out):
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(plot, dpi=110)
+    plt.close(fig)
     _print(out, f"wrote {plot}")
 
 
@@ -77,36 +98,62 @@ def _plt():
 
 # ---- the demos -----------------------------------------------------------------------------------
 
-def demo_repetition(engine, out=sys.stdout, plot=None, max_tokens: int = 60) -> dict:
-    from .decoding.contrastive import contrastive_generate
+# seed 000's penalties, each alone, on the loop set up in the prompt. The loop is *in the prompt*, so the
+# OpenAI-style penalties count prompt tokens too (penalize_prompt); repetition_penalty always does.
+PENALTIES = {
+    "greedy, no penalty": {},
+    "repetition_penalty 1.3": dict(repetition_penalty=1.3),
+    "frequency_penalty 1.0": dict(frequency_penalty=1.0, penalize_prompt=True),
+    "presence_penalty 1.5": dict(presence_penalty=1.5, penalize_prompt=True),
+    "seed 000 temperature penalty (frequency 1.1, presence 1.2)":
+        dict(temperature_frequency_penalty=0.1, temperature_presence_penalty=0.2, penalize_prompt=True),
+}
 
-    runs = {
-        "greedy": dict(temperature=0.0),
-        "greedy + frequency 0.5 / presence 0.5": dict(temperature=0.0, frequency_penalty=0.5, presence_penalty=0.5),
-        "greedy + repetition_penalty 1.3": dict(temperature=0.0, repetition_penalty=1.3),
-        "seed 000 per-token temperature (freq 0.1, presence 0.1), T=0.7, seed 0":
-            dict(temperature=0.7, temperature_frequency_penalty=0.1, temperature_presence_penalty=0.1, seed=0),
-    }
-    result = {}
-    for name, kw in runs.items():
-        text, ids = _gen(engine, GYM, max_tokens=max_tokens, **kw)
-        result[name] = {"text": text, "distinct_4grams": _distinct_ngrams(ids)}
-    k = max(1, engine.config.num_layers // 4)
-    cd = contrastive_generate(engine, f"early-exit:{k}", GYM, alpha=0.1,
-                              params=SamplingParams(temperature=0.0), max_tokens=max_tokens)
-    result[f"contrastive (amateur = first {k} layers, alpha 0.1)"] = {
-        "text": cd.texts[0], "distinct_4grams": _distinct_ngrams(cd.token_ids[0])}
+
+def demo_repetition(engine, out=sys.stdout, plot=None, max_tokens: int = 40, contrastive: bool = True) -> dict:
+    """Seed 000: greedy decoding falls into a loop on its own; then the "leg press" loop is set up on purpose
+    in the prompt and each penalty, alone and still greedy, is shown breaking it (or not)."""
+    prompts = [GYM] + [LEG_PRESS] * len(PENALTIES)
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0.0)] + [
+        SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw) for kw in PENALTIES.values()]
+    res = engine.generate(prompts, params)  # one continuous batch
+    natural = res[0].choices[0]
+    result = {"natural loop": {"prompt": GYM, "text": natural.text,
+                               "distinct_4grams": _distinct_ngrams(natural.token_ids)}}
+    for name, r in zip(PENALTIES, res[1:], strict=True):
+        c = r.choices[0]
+        result[name] = {"prompt": LEG_PRESS, "text": c.text, "distinct_4grams": _distinct_ngrams(c.token_ids),
+                        "leg_press": c.text.count("leg press")}
+    if contrastive:
+        from .decoding.contrastive import contrastive_generate
+
+        k = max(1, engine.config.num_layers // 4)
+        cd = contrastive_generate(engine, f"early-exit:{k}", LEG_PRESS, alpha=0.1,
+                                  params=SamplingParams(temperature=0.0), max_tokens=max_tokens)
+        result[f"contrastive decoding (amateur = first {k} layers, alpha 0.1)"] = {
+            "prompt": LEG_PRESS, "text": cd.texts[0], "distinct_4grams": _distinct_ngrams(cd.token_ids[0]),
+            "leg_press": cd.texts[0].count("leg press")}
+    r = result["natural loop"]
+    _print(out, f"--- greedy falls into a loop on its own (distinct 4-grams: {r['distinct_4grams']:.0%})")
+    _print(out, GYM + r["text"])
+    _print(out, f"\n--- the loop set up on purpose; greedy continuations of:\n{LEG_PRESS}")
     for name, r in result.items():
-        _print(out, f"--- {name}   (distinct 4-grams: {r['distinct_4grams']:.0%})")
-        _print(out, GYM + r["text"])
+        if name == "natural loop":
+            continue
+        _print(out, f"* {name}: 'leg press' {r['leg_press']}x, distinct 4-grams {r['distinct_4grams']:.0%}")
+        _print(out, "  ..." + r["text"])
     if plot:
         plt = _plt()
-        fig, ax = plt.subplots(figsize=(7, 3))
-        names = list(result)
-        ax.barh(range(len(names)), [result[n]["distinct_4grams"] for n in names])
-        ax.set_yticks(range(len(names)), [n[:40] for n in names], fontsize=7)
-        ax.set_xlabel("distinct 4-grams in the continuation")
-        ax.set_title("Breaking the repetition loop")
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        names = [n for n in result if n != "natural loop"]
+        ax.barh(range(len(names)), [result[n]["distinct_4grams"] for n in names], color="tab:blue")
+        for i, n in enumerate(names):
+            ax.text(0.01, i, f"'leg press' x{result[n]['leg_press']}", va="center", color="white", fontsize=8)
+        ax.set_yticks(range(len(names)), [n if len(n) <= 46 else n[:44] + "…" for n in names], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(f"distinct 4-grams in the {max_tokens}-token greedy continuation")
+        ax.set_title("Breaking the 'leg press' loop (seed 000)", fontsize=10)
         _savefig(fig, plot, out)
     return result
 
@@ -172,6 +219,46 @@ def demo_topk(engine, out=sys.stdout, plot=None, k: int = 3, max_k: int = 20) ->
     return result
 
 
+def demo_epsilon(engine, out=sys.stdout, plot=None, prompt: str = ONCE, epsilons=(0.001, 0.01, 0.05),
+                 samples: int = 3, max_tokens: int = 16, show: int = 300) -> dict:
+    """Seed 003: epsilon sampling keeps the tokens with p >= epsilon and renormalises: the long tail, each
+    token unlikely but many together, is gone."""
+    p = _distribution(engine, prompt, SamplingParams(temperature=1.0))
+    vals = p.sort(descending=True).values
+    result = {"prompt": prompt, "sorted_p": vals[:show].tolist(), "epsilons": {}}
+    _print(out, f"next token after {prompt!r}: {int((p > 0).sum())} tokens possible")
+    for eps in epsilons:
+        q = _distribution(engine, prompt, SamplingParams(temperature=1.0, epsilon=eps))
+        kept = q > 0
+        mass = float(p[kept].sum())
+        result["epsilons"][eps] = {"kept": int(kept.sum()), "kept_mass": mass}
+        _print(out, f"epsilon = {eps:g}: keeps {int(kept.sum())} tokens ({mass:.1%} of the mass); the "
+                    f"{int((~kept & (p > 0)).sum())} below it held {1 - mass:.1%} together")
+    mid = epsilons[len(epsilons) // 2]
+    runs = {"whole distribution": 0.0, f"epsilon = {mid:g}": mid}
+    for name, eps in runs.items():
+        c = engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=1.0, epsilon=eps, seed=0,
+                                                   n=samples))[0].choices
+        result[name] = [x.text for x in c]
+        _print(out, f"--- {samples} samples, {name} (same seeds):")
+        for x in c:
+            _print(out, f"    {prompt}{x.text!r}")
+    if plot:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        ax.semilogy(range(1, len(result["sorted_p"]) + 1), result["sorted_p"], color="tab:blue", label="p, sorted")
+        for eps, color in zip(epsilons, ("tab:green", "tab:orange", "tab:red", "tab:purple"), strict=False):
+            n = result["epsilons"][eps]["kept"]
+            ax.axhline(eps, color=color, ls="--", lw=1,
+                       label=f"epsilon = {eps:g}: keeps {n} ({result['epsilons'][eps]['kept_mass']:.0%} of the mass)")
+        ax.set_xlabel("rank")
+        ax.set_ylabel("probability (log scale)")
+        ax.set_title(f"epsilon sampling after {prompt!r}", fontsize=10)
+        ax.legend(fontsize=7, loc="upper right")
+        _savefig(fig, plot, out)
+    return result
+
+
 def demo_fewshot(engine, out=sys.stdout, plot=None) -> dict:
     from .classify import FewShotClassifier
 
@@ -183,9 +270,94 @@ def demo_fewshot(engine, out=sys.stdout, plot=None) -> dict:
         probs = ", ".join(f"{k} {v:.1%}" for k, v in r.probs.items())
         _print(out, f"{r.input!r:>45} -> {r.label}   ({probs})")
     text, _ = _gen(engine, TRANSLATION, max_tokens=16, temperature=0.0, stop=["\n"])
-    _print(out, "--- few-shot translation:")
+    matches = text.strip() == SLIDE_TRANSLATION.strip()
+    _print(out, "--- few-shot translation (greedy):")
     _print(out, TRANSLATION + text)
-    return {"sentiment": [(r.input, r.label, r.probs) for r in res], "translation": text.strip()}
+    if matches:
+        _print(out, "(this is the slide's translation)")
+    else:
+        ours = engine.score(text, context=TRANSLATION).total_logprob if text.strip() else float("nan")
+        slide = engine.score(SLIDE_TRANSLATION, context=TRANSLATION).total_logprob
+        _print(out, f"NOT the slide's result: the slide shows{SLIDE_TRANSLATION!r}; {engine.name} does not reproduce "
+                    f"it and writes {text.strip()!r} instead (log P: the slide's {slide:.2f}, the model's own "
+                    f"{ours:.2f} nats).")
+    if plot:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(7, 3))
+        labels = list(res[0].probs)
+        width = 0.8 / len(labels)
+        for j, lab in enumerate(labels):
+            ax.bar([i + j * width for i in range(len(res))], [r.probs[lab] for r in res], width, label=lab)
+        ax.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(res))],
+                      [r.input if len(r.input) < 30 else r.input[:28] + "…" for r in res], fontsize=8)
+        ax.set_ylabel("label probability")
+        ax.set_ylim(0, 1)
+        ax.set_title("few-shot sentiment: the label probabilities", fontsize=10)
+        ax.legend(fontsize=8)
+        _savefig(fig, plot, out)
+    return {"sentiment": [(r.input, r.label, r.probs) for r in res], "translation": text.strip(),
+            "translation_matches_slide": matches}
+
+
+def _yes_no(engine, question: str, constraint) -> dict:
+    from .classify import choose
+
+    tok = engine.tokenizer
+    ids = engine.chat_prompt_ids([{"role": "user", "content": question}])
+    lp = torch.log_softmax(engine.next_token_logits(ids).float(), -1)
+    top = lp.topk(8)
+    free, _ = _gen(engine, ids, max_tokens=16, temperature=0.0)
+    restricted = engine.generate(ids, SamplingParams(max_tokens=4, temperature=0.0), constraint=constraint)
+    words = ["Yes", "yes", "No", "no"]
+    ch = choose(engine, ids, [tok.encode(w, add_special_tokens=False) for w in words])
+    p = dict(zip(words, ch.probs, strict=True))
+    return {"question": question, "top": [(tok.decode([i]), float(v.exp())) for i, v in
+                                          zip(top.indices.tolist(), top.values, strict=True)],
+            "free": free, "restricted": restricted[0].choices[0].text,
+            "p_yes": p["Yes"] + p["yes"], "p_no": p["No"] + p["no"]}
+
+
+def demo_yesno(engine, out=sys.stdout, plot=None) -> dict:
+    """Seed 001: for 'Is the sky blue?', sample greedily with the output limited to yes and no (a choice
+    constraint: the mask is the pipeline's first stage), with the exact probability of each answer."""
+    from .decoding.constraints import ConstraintSpec, compile_constraint
+
+    cons = compile_constraint(ConstraintSpec("choice", ("Yes", "No", "yes", "no")), engine)
+    result = {}
+    for question, expected in (YESNO, YESNO_CONTROL):
+        r = _yes_no(engine, question, cons)
+        r["expected"] = expected
+        result[question] = r
+        _print(out, f"--- {question!r} (chat template)")
+        _print(out, "  next token, unrestricted: " + ", ".join(f"{t!r} {v:.1%}" for t, v in r["top"]))
+        _print(out, f"  greedy, unrestricted:     {r['free']!r}")
+        _print(out, f"  greedy, yes/no only:      {r['restricted']!r}   (P(yes) {r['p_yes']:.1%}, "
+                    f"P(no) {r['p_no']:.1%}, over the two)")
+    sky = result[YESNO[0]]
+    if sky["restricted"].strip().lower() == YESNO[1]:
+        _print(out, f"As on the slide: restricted to yes/no, greedy answers {sky['restricted']!r}.")
+    else:
+        _print(out, f"NOT the slide's result: the slide's answer is {YESNO[1]!r}; {engine.name}, restricted to "
+                    f"yes/no, answers {sky['restricted']!r} (P(yes) {sky['p_yes']:.0%}). The restriction works -- the "
+                    f"answer is always yes or no -- but this small model does not know the answer; compare the "
+                    f"control question {YESNO_CONTROL[0]!r} (P(yes) {result[YESNO_CONTROL[0]]['p_yes']:.0%}).")
+    if plot:
+        plt = _plt()
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+        t = sky["top"]
+        axes[0].bar(range(len(t)), [v for _, v in t], color="tab:gray")
+        axes[0].set_xticks(range(len(t)), [repr(w) for w, _ in t], rotation=45, fontsize=7)
+        axes[0].set_title(f"next token after {YESNO[0]!r}, unrestricted", fontsize=9)
+        axes[0].set_ylabel("probability")
+        qs = list(result)
+        axes[1].bar([i - 0.2 for i in range(len(qs))], [result[q]["p_yes"] for q in qs], 0.4, label="yes")
+        axes[1].bar([i + 0.2 for i in range(len(qs))], [result[q]["p_no"] for q in qs], 0.4, label="no")
+        axes[1].set_xticks(range(len(qs)), qs, fontsize=8)
+        axes[1].set_ylim(0, 1)
+        axes[1].set_title("restricted to yes / no", fontsize=9)
+        axes[1].legend(fontsize=8)
+        _savefig(fig, plot, out)
+    return result
 
 
 def demo_beam(engine, out=sys.stdout, plot=None, prompt: str = "My favorite thing about fall is",
@@ -206,7 +378,37 @@ def demo_beam(engine, out=sys.stdout, plot=None, prompt: str = "My favorite thin
     greedy, _ = _gen(engine, prompt, max_tokens=max_tokens, temperature=0.0)
     _print(out, f"--- greedy: {prompt}{greedy!r}  logprob "
                 f"{engine.score(greedy, context=prompt).total_logprob:.3f}")
+    if plot:
+        _plot_beam(res.steps, prompt, width, plot, out)
     return {"hypotheses": [(h.text, h.logprob, h.score) for h in res.hypotheses], "steps": res.steps}
+
+
+def _plot_beam(steps: list[dict], prompt: str, width: int, plot, out, max_steps: int = 6) -> None:
+    """The search tree: x = step, y = log-probability of the prefix; every candidate a gray dot labelled with
+    its new text, the kept beams blue and joined to their parents."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(11, 5))
+    parents = [("", 0.0)]  # (text, logprob) of the rows expanded at this step; the prompt first
+    ax.plot([0], [0], "o", color="tab:blue")
+    ax.annotate(prompt if len(prompt) < 30 else "…" + prompt[-28:], (0, 0), fontsize=7, xytext=(3, 3),
+                textcoords="offset points")
+    for st in steps[:max_steps]:
+        x = st["step"] + 1
+        for c in st["candidates"]:
+            ptext, plp = parents[c["parent"]]
+            ax.plot([x - 1, x], [plp, c["logprob"]], color="lightgray", lw=0.6, zorder=1)
+            ax.plot([x], [c["logprob"]], "o", color="lightgray", ms=4, zorder=2)
+            ax.annotate(repr(c["text"][len(ptext):]), (x, c["logprob"]), fontsize=6, color="gray",
+                        xytext=(3, -2), textcoords="offset points")
+        for b in st["beams"]:
+            ptext, plp = parents[b["parent"]]
+            ax.plot([x - 1, x], [plp, b["logprob"]], color="tab:blue", lw=1.2, zorder=3)
+            ax.plot([x], [b["logprob"]], "o", color="tab:blue", ms=5, zorder=4)
+        parents = [(b["text"], b["logprob"]) for b in st["beams"]]
+    ax.set_xlabel("step (tokens generated)")
+    ax.set_ylabel("log P(prefix | prompt)")
+    ax.set_title(f"beam search, n = {width}: candidates (gray) and the kept beam (blue)", fontsize=10)
+    _savefig(fig, plot, out)
 
 
 @torch.inference_mode()
@@ -285,30 +487,132 @@ def demo_speculative(engine, out=sys.stdout, plot=None, max_tokens: int = 48, ga
     for r in rows:
         _print(out, f"{r['draft']:>14} {r['acceptance_rate']:7.0%} {r['tokens_per_target_forward']:8.2f} "
                     f"{r['plain_tok_s']:12.1f} {r['spec_tok_s']:11.1f} {r['speedup']:8.2f}x {r['same_as_plain']}")
+    if plot:
+        plt = _plt()
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        names = [r["draft"] for r in rows]
+        axes[0].bar(names, [r["acceptance_rate"] for r in rows], color="tab:green")
+        axes[0].set_ylim(0, 1)
+        axes[0].set_ylabel("acceptance rate")
+        axes[1].bar(names, [r["speedup"] for r in rows], color="tab:blue")
+        axes[1].axhline(1.0, color="gray", ls="--", lw=0.8)
+        axes[1].set_ylabel("speed-up vs plain greedy")
+        fig.suptitle(f"speculative decoding, gamma = {gamma} (same greedy text: "
+                     f"{all(r['same_as_plain'] for r in rows)})", fontsize=10)
+        _savefig(fig, plot, out)
     return {"rows": rows}
+
+
+def demo_game(engine, out=sys.stdout, plot=None, paragraph: str = GAME_PARAGRAPH, prefixes=GAME_PREFIXES,
+              budget: int = 2, top_k: int = 8, paragraph_k: int = 12) -> dict:
+    """Seed 001: the summarization game. CE of the paragraph after a few hand-written prefixes and after the
+    prefix a quick greedy search finds (``logitlab game`` runs bigger searches)."""
+    from .game import format_game, play, search_prefix
+
+    color = hasattr(out, "isatty") and out.isatty() and not os.environ.get("NO_COLOR")
+    res = play(engine, paragraph, list(prefixes))
+    found = search_prefix(engine, paragraph, budget=budget, search="greedy", top_k=top_k, paragraph_k=paragraph_k)
+    _print(out, f"paragraph: {paragraph}")
+    _print(out, format_game(engine.tokenizer, res, color=color))
+    _print(out, f"\n--- a greedy search for a prefix of at most {budget} tokens:")
+    _print(out, format_game(engine.tokenizer, found, color=color))
+    if plot:
+        plt = _plt()
+        import numpy as np
+
+        fig, ax = plt.subplots(figsize=(11, 3.8))
+        best_hand = min(res.scores, key=lambda s: s.cross_entropy) if res.scores else res.baseline
+        curves = ((res.baseline, "black", "no prefix"), (best_hand, "tab:blue", "best hand-written"),
+                  (found.best, "tab:orange", "search"))
+        for sc, color, what in curves:
+            name = f"{what} {sc.prefix!r}" if sc.prefix_ids else what
+            ax.plot(np.cumsum([-x for x in sc.token_logprobs]), lw=1.2, color=color,
+                    label=f"{name}: CE {sc.cross_entropy:.1f} nats")
+        toks = [engine.tokenizer.decode([t]) for t in res.paragraph_ids]
+        ax.set_xticks(range(len(toks)), toks, rotation=80, fontsize=6)
+        ax.set_ylabel("cumulative -log p (nats)")
+        ax.set_title("the summarization game: cross-entropy of the paragraph after each prefix", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+        _savefig(fig, plot, out)
+    return {"baseline": res.baseline.cross_entropy,
+            "prefixes": {s.prefix: s.cross_entropy for s in res.scores},
+            "search": {"prefix": found.best.prefix, "prefix_ids": found.best.prefix_ids,
+                       "cross_entropy": found.best.cross_entropy, "forwards": found.forwards,
+                       "scored": found.scored}}
+
+
+def demo_aot(engine=None, out=sys.stdout, plot=None, steps: int = 80, seq_len: int = 32, batch: int = 32) -> dict:
+    """Seed 001's arrow of time, as a one-minute toy: the same tiny model trained forwards and backwards on
+    ``p1*p2=n`` lines (``logitlab aot`` runs the real experiment: more steps, seeds, natural language)."""
+    import tempfile
+    from pathlib import Path
+
+    from .train.aot import plot_aot, run_experiment
+    from .train.datasets import make_dataset
+
+    ds = make_dataset("primes", prime_range=(10, 300), test=100)
+    _print(out, f"arrow of time, toy run: {len(ds.train)} lines like {ds.train[0]!r}, one seed, {steps} steps "
+                "per direction, the tiny preset, byte tokens")
+    with tempfile.TemporaryDirectory() as d:
+        summary, runs = run_experiment(ds, Path(d), seeds=1, steps=steps, preset="tiny", tokenizer="bytes",
+                                       log=lambda m: _print(out, m), seq_len=seq_len, batch=batch,
+                                       eval_every=max(1, steps // 4), packing="padded", progress=False)
+    fw, bw = summary["forward"]["val_loss"], summary["backward"]["val_loss"]
+    lo, hi = summary["ci95"]
+    _print(out, f"validation loss: forward {fw:.4f}, backward {bw:.4f} nats/token; (bw - fw) / fw = "
+                f"{summary['gap']:+.2%} (95% CI {lo:+.2%} .. {hi:+.2%}, held-out documents resampled)")
+    if lo > 0:
+        verdict = "forward is easier here, the direction the slide reports"
+    elif hi < 0:
+        verdict = "backward is lower here: the opposite of the slide's finding"
+    else:
+        verdict = "no clear gap here"
+    _print(out, f"{verdict}. One seed and {steps} steps of a tiny model is a toy, not the experiment: the "
+                "slide's 0.5-2% forward advantage is measured on natural language with trained models "
+                "(`logitlab aot --dataset NAME --out DIR`, several seeds).")
+    if plot:
+        plot_aot(runs, summary, Path(plot))
+        _print(out, f"wrote {plot}")
+    return summary
 
 
 DEMOS = {
     "repetition": demo_repetition,
     "temperature": demo_temperature,
     "topk": demo_topk,
+    "epsilon": demo_epsilon,
     "fewshot": demo_fewshot,
+    "yesno": demo_yesno,
     "beam": demo_beam,
     "kvcache": demo_kvcache,
     "contrastive": demo_contrastive,
     "speculative": demo_speculative,
+    "game": demo_game,
+    "aot": demo_aot,
 }
+NO_ENGINE = {"aot"}  # trains its own tiny models
 
 
 DESCRIPTIONS = {line.split()[0]: line.split(None, 1)[1] for line in __doc__.splitlines()
                 if line.startswith("    ") and line.split()[0] in DEMOS}
 
 
-def run_demo(name: str, engine=None, out=sys.stdout, plot: str | None = None, **kwargs) -> dict:
-    """Run one demo (loading the default model unless ``engine`` is given)."""
+def check_demo(name: str, plot: str | None = None) -> None:
+    """Refuse, before any work, an unknown demo and a --plot that cannot be honoured."""
     if name not in DEMOS:
         raise ParamError("demo", f"must be one of {', '.join(DEMOS)}, got {name!r}")
-    if engine is None:
+    if plot is None:
+        return
+    if name in NO_PLOT:
+        raise ParamError("plot", f"demo {name!r} has no picture: {NO_PLOT[name]}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(plot))):
+        raise ParamError("plot", f"no directory to write {plot!r} in")
+
+
+def run_demo(name: str, engine=None, out=sys.stdout, plot: str | None = None, **kwargs) -> dict:
+    """Run one demo (loading the default model unless ``engine`` is given or the demo needs none)."""
+    check_demo(name, plot)
+    if engine is None and name not in NO_ENGINE:
         from .engine import Engine
 
         engine = Engine.load()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .decoding.scheduler import Request, Scheduler, TokenEvent
+from .model.paged_cache import kv_budget_tokens
 from .model.store import load_or_build
 from .model.transformer import Transformer
 from .sampling import ParamError, SamplingParams
@@ -57,6 +58,8 @@ class ScoreResult:
 
     tokens: list[int]
     token_logprobs: list[float]
+    # what the first token was predicted from: {"kind": "bos" | "eos" | "context" | "first_token", ...}
+    conditioned_on: dict | None = None
 
     @property
     def total_logprob(self) -> float:
@@ -65,6 +68,16 @@ class ScoreResult:
     @property
     def perplexity(self) -> float:
         return math.exp(-self.total_logprob / max(1, len(self.tokens)))
+
+
+def start_token(tokenizer) -> dict:
+    """The token a text with no context is conditioned on (``Engine.score``, the summarization game): the
+    tokenizer's BOS, or where it declares none its EOS (lm-eval-harness's ``prefix_token_id``); ``id`` None
+    when it has neither."""
+    for kind, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id)):
+        if tid is not None:
+            return {"kind": kind, "token": tokenizer.decode([tid]), "id": int(tid)}
+    return {"kind": "none", "token": None, "id": None}
 
 
 def _keep_freed_memory() -> None:
@@ -86,13 +99,19 @@ def _keep_freed_memory() -> None:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model",
-                 max_batch: int = 32, max_len: int = 2048, use_cache: bool = True):
+                 max_batch: int = 32, max_len: int = 2048, use_cache: bool = True, kv_memory: float | None = None):
+        """kv_memory: the KV cache's budget in GB (default: what ``max_batch`` sequences of ``max_len``
+        tokens need, capped at half the memory available now). The pool grows to it as blocks are used."""
         _keep_freed_memory()
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.config = model.config
         self.max_len = min(max_len, self.config.context_length)
+        if kv_memory is not None and not (isinstance(kv_memory, int | float) and 0 < kv_memory < 1e6):
+            raise ParamError("kv_memory", f"must be a positive number of GB, got {kv_memory!r}")
         self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_len=self.max_len,
-                                   use_cache=use_cache)
+                                   use_cache=use_cache,
+                                   kv_tokens=kv_budget_tokens(model.config, model.dtype, max_batch, self.max_len,
+                                                              kv_memory))
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, dtype: str = "float32", **kwargs) -> Engine:
@@ -127,6 +146,7 @@ class Engine:
         ids = self.encode_prompt(prompt)
         params.validate(self.vocab_size, context_length=self.max_len, prompt_len=len(ids),
                         eos_token_ids=sorted(self.tokenizer.eos_token_ids))
+        self.scheduler.check_fits(len(ids), params.max_tokens)
         base = params.seed if params.seed is not None else secrets.randbits(63)
         group = next(_groups)
         return [Request(ids, params, derive_seed(base, i), group=group, index=i,
@@ -204,20 +224,35 @@ class Engine:
         return self.model(tokens, torch.arange(len(ids)).unsqueeze(0))[0]
 
     @torch.inference_mode()
-    def score(self, text: str, context: str | None = None, progress: bool = False) -> ScoreResult:
-        """log P(text | context) token by token. Without a context, the text is scored after BOS (when
-        the model uses one); its first token then has a logprob too. Texts longer than the context
-        window are scored with a sliding window that keeps half a window of history."""
-        if context:
+    def score(self, text: str, context: str | list[int] | None = None, progress: bool = False) -> ScoreResult:
+        """log P(text | context), one logprob for every token of ``text``.
+
+        Without a context (None or ""), the first token is predicted from a start token, as lm-eval-harness
+        does: the model's BOS when the tokenizer declares one, else its end-of-text (EOS) token, which is what
+        a document follows in a packed training stream. ``context`` may also be token ids, used as they are
+        (no start token is added). The result's ``conditioned_on`` says what the text was conditioned on.
+        Texts longer than the context window are scored with a sliding window that keeps half a window of
+        history."""
+        if context is not None and not isinstance(context, str):
+            try:
+                ctx = self.encode_prompt(list(context))  # validated ids
+            except ParamError as e:
+                raise ParamError("context", e.reason) from None
+            target = self.tokenizer.encode(text, add_special_tokens=False)
+            conditioned = {"kind": "context", "num_tokens": len(ctx)}
+        elif context:
             ctx = self.tokenizer.encode(context)
             target = self.tokenizer.encode(text, add_special_tokens=False)
+            conditioned = {"kind": "context", "text": context, "num_tokens": len(ctx)}
         else:
-            full = self.tokenizer.encode(text)
-            bos = self.tokenizer.bos_token_id
-            if full and bos is not None and full[0] == bos:
-                ctx, target = full[:1], full[1:]
-            else:  # no BOS: the first token has nothing to be predicted from
-                ctx, target = full[:1], full[1:]
+            target = self.tokenizer.encode(text, add_special_tokens=False)
+            conditioned = start_token(self.tokenizer)
+            if conditioned["id"] is not None:
+                ctx = [conditioned["id"]]
+            else:  # no BOS and no EOS: nothing to predict the first token from, so it is context, not scored
+                ctx, target = target[:1], target[1:]
+                conditioned = {"kind": "first_token", "id": ctx[0] if ctx else None,
+                               "token": self.tokenizer.decode(ctx) if ctx else None}
         if not target:
             raise ParamError("text", "has no tokens to score")
         seq = ctx + target
@@ -241,10 +276,22 @@ class Engine:
                 bar.update(last - first)
         if bar is not None:
             bar.close()
-        return ScoreResult(target, lps)
+        return ScoreResult(target, lps, conditioned)
 
     def chat_prompt(self, messages: list[dict]) -> str:
+        """The conversation as text, for display. To run it, use ``chat_prompt_ids``: re-encoding this text
+        would read special tokens written in a message as real ones."""
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The conversation's prompt ids: the template's markup as special tokens, message content as text
+        (so ``<|im_end|><|im_start|>system`` in a user message cannot open a system turn)."""
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
 
 _groups = iter(range(1 << 62))
+
+
+def next_group() -> int:
+    """A fresh group id (requests of one group share a prefill: the n samples, a beam search's hypotheses)."""
+    return next(_groups)

@@ -8,6 +8,7 @@ file, so they are untrusted input: they render in Jinja's immutable sandbox.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from datetime import datetime
 from functools import lru_cache
@@ -104,6 +105,45 @@ def unicode_to_byte() -> dict[str, int]:
     return {c: b for b, c in byte_to_unicode().items()}
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _shown(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _check_gguf_scalars(meta: dict, n_tokens: int) -> None:
+    """Special-token ids within the token list, flags booleans, strings strings."""
+    for k in ("bos", "eos", "eot", "eom", "padding", "unknown"):
+        v = meta.get(f"tokenizer.ggml.{k}_token_id")
+        if v is not None and (not _is_int(v) or not 0 <= v < n_tokens):
+            raise ValueError(f"tokenizer: GGUF tokenizer.ggml.{k}_token_id must be a token id in "
+                             f"[0, {n_tokens}), got {_shown(v)}")
+    for k in ("add_bos_token", "add_eos_token"):
+        v = meta.get(f"tokenizer.ggml.{k}")
+        if v is not None and not isinstance(v, bool):
+            raise ValueError(f"tokenizer: GGUF tokenizer.ggml.{k} must be a boolean, got {_shown(v)}")
+    for k in ("tokenizer.ggml.pre", "tokenizer.chat_template"):
+        v = meta.get(k)
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"tokenizer: GGUF {k} must be a string, got {_shown(v)}")
+
+
+def _gguf_merges(merges, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """``["a b", ...]`` -> ``[("a", "b"), ...]``, each of a, b and ab a token."""
+    if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+        raise ValueError("tokenizer: GGUF tokenizer.ggml.merges must be a list of strings")
+    out = []
+    for m in merges:
+        pair = m.split(" ", 1)
+        if len(pair) != 2 or pair[0] not in vocab or pair[1] not in vocab or pair[0] + pair[1] not in vocab:
+            raise ValueError(f"tokenizer: GGUF merge {_shown(m)} is not two tokens whose join is a token")
+        out.append((pair[0], pair[1]))
+    return out
+
+
 class NoChatTemplateError(ValueError):
     """The model ships no chat template: format prompts yourself (or pass plain text)."""
 
@@ -143,6 +183,14 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = frozenset(ends | declared)
         self._byte_level = isinstance(backend.decoder, decoders.ByteLevel)
         self._template = None
+        # special tokens' texts, longest first, and a regex finding them leftmost-longest as ``tokenizers``
+        # does (encode_chat); lstrip/rstrip: the whitespace a token's AddedToken options swallow
+        self._special_texts = sorted({t.content for t in added.values() if t.special and t.content},
+                                     key=lambda t: (-len(t), t))
+        self._special_re = re.compile("|".join(map(re.escape, self._special_texts))) if self._special_texts \
+            else None
+        self._special_strip = {i: (t.lstrip, t.rstrip) for i, t in added.items() if t.special}
+        self._text_backend = None  # a copy of the backend that reads special tokens' texts as text
 
     @property
     def _tok(self) -> HFTokenizer:  # older name, kept for callers that reach in
@@ -150,15 +198,27 @@ class Tokenizer:
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
-    def from_gguf_metadata(cls, meta: dict) -> Tokenizer:
-        """From a GGUF's ``tokenizer.*`` keys (byte-level BPE only, ``tokenizer.ggml.model == "gpt2"``)."""
+    def from_gguf_metadata(cls, meta: dict, vocab_size: int | None = None) -> Tokenizer:
+        """From a GGUF's ``tokenizer.*`` keys (byte-level BPE only, ``tokenizer.ggml.model == "gpt2"``).
+        The values come from the file, so each is checked (types, lengths, ids within the token list,
+        merges of known tokens) before the ``tokenizers`` library sees them: it panics on a merge whose
+        result is not a token. ``vocab_size``: the model's, which the token list must not exceed."""
         kind = meta.get("tokenizer.ggml.model", "gpt2")
         if kind != "gpt2":
             raise ValueError(
-                f"tokenizer: GGUF tokenizer type {kind!r} is not supported (only byte-level BPE, 'gpt2')"
+                f"tokenizer: GGUF tokenizer type {_shown(kind)} is not supported (only byte-level BPE, 'gpt2')"
             )
-        tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-        types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+            raise ValueError("tokenizer: GGUF tokenizer.ggml.tokens must be a non-empty list of strings")
+        if vocab_size is not None and len(tokens) > vocab_size:
+            raise ValueError(f"tokenizer: {len(tokens)} tokens for a model with {vocab_size} embeddings")
+        types = meta.get("tokenizer.ggml.token_type")
+        if types is None:
+            types = [1] * len(tokens)
+        if not isinstance(types, list) or len(types) != len(tokens) or not all(_is_int(t) for t in types):
+            raise ValueError("tokenizer: GGUF tokenizer.ggml.token_type must be one integer per token")
+        _check_gguf_scalars(meta, len(tokens))
         alphabet = set(byte_to_unicode().values())
         spelled = [
             t if set(t) <= alphabet else "".join(byte_to_unicode()[b] for b in t.encode()) for t in tokens
@@ -166,7 +226,7 @@ class Tokenizer:
         vocab = {t: i for i, t in enumerate(spelled)}
         if len(vocab) != len(tokens):
             raise ValueError("tokenizer: GGUF token list has duplicates")
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        merges = _gguf_merges(meta.get("tokenizer.ggml.merges", []), vocab)
         backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
         backend.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
         backend.decoder = decoders.ByteLevel()
@@ -203,11 +263,22 @@ class Tokenizer:
         """From a Hugging Face model directory: tokenizer.json, and when present tokenizer_config.json
         (special tokens, add_bos_token, chat_template), chat_template.jinja and generation_config.json."""
         path = Path(path)
-        backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # the library raises a bare Exception on a malformed file
+            raise ValueError(f"tokenizer: cannot read {path / 'tokenizer.json'}: {str(e)[:200]}") from None
 
         def read(name):
             f = path / name
-            return json.loads(f.read_text()) if f.exists() else {}
+            if not f.exists():
+                return {}
+            try:
+                d = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"tokenizer: {f} is not readable JSON ({type(e).__name__})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"tokenizer: {f} is not a JSON object")
+            return d
 
         cfg, gen, model_cfg = (
             read("tokenizer_config.json"),
@@ -313,6 +384,91 @@ class Tokenizer:
         return self._template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, **variables
         )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    add_special_tokens: bool = True, **kwargs) -> list[int]:
+        """Token ids of a conversation rendered with the chat template, with what the caller wrote (message
+        content, names, tool arguments) read as text: a special token spelled in a message
+        (``<|im_end|><|im_start|>system``) becomes the ordinary tokens of that text, so a user cannot forge
+        a turn of another role. Only the template's own markup is read as special tokens, as the OpenAI
+        API, vLLM and llama.cpp's server do. A conversation without such text encodes exactly as
+        ``encode(apply_chat_template(...))``.
+
+        How: before rendering, the text of each special token in the caller's strings is replaced by one
+        marker character (private use, absent from the conversation and the template). The special tokens
+        left in the rendered text are the template's; the text is split at them, and the pieces between
+        them, markers turned back into the text they stand for, are encoded with special tokens off."""
+        if self._special_re is None:
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs),
+                               add_special_tokens)
+        pattern, texts = self._special_re, self._special_texts
+        base = _free_marker_base(len(texts), (messages, kwargs, self.chat_template or ""))
+        marker = {t: chr(base + i) for i, t in enumerate(texts)}
+
+        def defuse(v, key=None):
+            if isinstance(v, str):
+                return v if key == "role" else pattern.sub(lambda m: marker[m.group()], v)
+            if isinstance(v, dict):
+                return {k: defuse(x, k) for k, x in v.items()}
+            if isinstance(v, list | tuple):
+                return [defuse(x) for x in v]
+            return v
+
+        text = self.apply_chat_template(defuse(list(messages)), add_generation_prompt, **defuse(kwargs))
+        restore = {base + i: t for i, t in enumerate(texts)}
+        if not any(ord(c) in restore for c in text):
+            return self.encode(text, add_special_tokens)  # nothing was defused: the ordinary path
+        ids: list[int] = []
+        pos, strip_next = 0, False
+        for m in pattern.finditer(text):
+            tid = self.backend.token_to_id(m.group())
+            lstrip, rstrip = self._special_strip.get(tid, (False, False))
+            piece = text[pos: m.start()].translate(restore)
+            piece = piece.lstrip() if strip_next else piece
+            ids += self._encode_as_text(piece.rstrip() if lstrip else piece)
+            ids.append(tid)
+            pos, strip_next = m.end(), rstrip
+        tail = text[pos:].translate(restore)
+        ids += self._encode_as_text(tail.lstrip() if strip_next else tail)
+        if add_special_tokens:
+            if self.add_bos:
+                ids.insert(0, self.bos_token_id)
+            if self.add_eos:
+                ids.append(self.eos_token_id)
+        return ids
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        """``text``'s ids with special tokens read as plain text (a copy of the backend that splits them)."""
+        if not text:
+            return []
+        if self._text_backend is None:
+            copy = HFTokenizer.from_str(self.backend.to_str())
+            copy.encode_special_tokens = True
+            self._text_backend = copy
+        return self._text_backend.encode(text, add_special_tokens=False).ids
+
+
+def _free_marker_base(n: int, values) -> int:
+    """The first of ``n`` consecutive private-use code points (plane 16) that none of ``values`` contains."""
+    used = set()
+
+    def scan(v):
+        if isinstance(v, str):
+            used.update(c for c in v if c >= "\U00100000")
+        elif isinstance(v, dict):
+            for x in v.values():
+                scan(x)
+        elif isinstance(v, list | tuple):
+            for x in v:
+                scan(x)
+
+    scan(values)
+    base = 0x100000
+    while any(chr(base + i) in used for i in range(n)):
+        base += n
+    if base + n > 0x10FFFE:
+        raise ValueError("chat: the conversation uses every private-use character")
+    return base
 
 
 def _compile_template(source: str):

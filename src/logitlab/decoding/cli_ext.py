@@ -18,10 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 
 from ..sampling import ParamError, SamplingParams
+
+MAX_BEAM_WIDTH = 32  # beams share one prompt but each holds a KV-cache row of prompt + max_tokens
+MAX_LENGTH_PENALTY = 10.0  # score = logprob / len^A; |A| > 10 only ever picks the shortest or longest
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -88,8 +100,19 @@ class DriverOptions:
                                  ("speculative", bool(self.speculative)), ("choice", bool(self.choice))) if on]
         if len(modes) > 1:
             raise ParamError(modes[1], f"cannot be combined with {modes[0]}")
-        if self.beam_width is not None and (not isinstance(self.beam_width, int) or self.beam_width < 1):
-            raise ParamError("beam_width", f"must be an integer >= 1, got {self.beam_width!r}")
+        # Ranges first, before any model is loaded or cache allocated: beam search allocates a KV cache of
+        # beam_width rows, and len ** length_penalty overflows a float64 far below 1e308.
+        if self.beam_width is not None and (not _is_int(self.beam_width)
+                                            or not 1 <= self.beam_width <= MAX_BEAM_WIDTH):
+            raise ParamError("beam_width", f"must be an integer in [1, {MAX_BEAM_WIDTH}], got {self.beam_width!r}")
+        if not _is_num(self.length_penalty) or not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            raise ParamError("length_penalty", f"must be a number in [-{MAX_LENGTH_PENALTY:g}, "
+                                               f"{MAX_LENGTH_PENALTY:g}], got {self.length_penalty!r}")
+        if not _is_num(self.contrastive_alpha) or not 0 < self.contrastive_alpha <= 1:
+            raise ParamError("contrastive_alpha", f"must be in (0, 1], got {self.contrastive_alpha!r}")
+        if not _is_int(self.num_speculative_tokens) or not 1 <= self.num_speculative_tokens <= 64:
+            raise ParamError("num_speculative_tokens",
+                             f"must be an integer in [1, 64], got {self.num_speculative_tokens!r}")
         if self.speculative and self.spec() is not None:
             raise ParamError("speculative", "cannot be combined with a structured-output constraint")
 
@@ -132,6 +155,30 @@ def _completions(engine, prompt_ids, params, token_lists, reasons, extra_logprob
     return res
 
 
+def beam_group(engine, prompt_ids: list[int], params: SamplingParams, opts: DriverOptions, constraint=None):
+    """A beam search for ``engine.scheduler``: the group, whose ``requests`` (the ``n`` hypotheses the
+    client sees) are what to submit."""
+    from ..engine import next_group
+    from .beam import BeamGroup, _validate
+    from .scheduler import Request
+
+    _validate(opts.beam_width, params.n, params.max_tokens, opts.length_penalty)
+    group = BeamGroup(prompt_ids, opts.beam_width, opts.length_penalty, params.max_tokens, params.n,
+                      sorted(engine.tokenizer.eos_token_ids), engine.vocab_size, params, constraint)
+    gid = next_group()
+    group.requests = [Request(list(prompt_ids), params, 0, group=gid, index=i, beam=group) for i in range(params.n)]
+    return group
+
+
+def beam_completion(engine, prompt_ids, params: SamplingParams, opts: DriverOptions, group):
+    """(GenerationResult, extra) of a decided beam search: the hypotheses best first, their scores."""
+    hyps = group.result(engine.tokenizer).hypotheses
+    res = _completions(engine, prompt_ids, params, [h.token_ids for h in hyps], [h.finish_reason for h in hyps])
+    extra = {"beam": {"width": opts.beam_width, "length_penalty": opts.length_penalty,
+                      "scores": [h.score for h in hyps], "logprobs": [h.logprob for h in hyps]}}
+    return res, extra
+
+
 def generate_with_driver(engine, prompt, params: SamplingParams, opts: DriverOptions):
     """Run ``prompt`` with the decoding-driver options. Returns (GenerationResult, extra) where ``extra`` holds
     the JSON fields to add to the response (``speculative`` statistics, ``beam`` scores, ``choice``
@@ -166,16 +213,12 @@ def generate_with_driver(engine, prompt, params: SamplingParams, opts: DriverOpt
             c.text = opts.choice[i]
         extra = {"choice": {"choices": list(opts.choice), "logprobs": ranked.logprobs, "probs": ranked.probs}}
         return res, extra
-    if opts.beam_width is not None:
-        from .beam import beam_search
-
-        br = beam_search(engine, prompt_ids, width=opts.beam_width, length_penalty=opts.length_penalty,
-                         max_tokens=params.max_tokens, n=params.n, params=params, constraint=constraint)
-        hyps = br.hypotheses
-        res = _completions(engine, prompt_ids, params, [h.token_ids for h in hyps], [h.finish_reason for h in hyps])
-        extra = {"beam": {"width": opts.beam_width, "length_penalty": opts.length_penalty,
-                          "scores": [h.score for h in hyps], "logprobs": [h.logprob for h in hyps]}}
-        return res, extra
+    if opts.beam_width is not None:  # a mode of the engine's scheduler: step it until the search is decided
+        group = beam_group(engine, prompt_ids, params, opts, constraint)
+        engine.scheduler.add(group.requests)
+        while not group.done:
+            engine.scheduler.step()
+        return beam_completion(engine, prompt_ids, params, opts, group)
     if opts.contrastive_amateur:
         from .contrastive import contrastive_generate
 
@@ -226,6 +269,40 @@ def driver_requested(a: argparse.Namespace) -> bool:
     return DriverOptions.from_args(a).requested()
 
 
+def _check_syntax(spec) -> None:
+    """Parse a regex, EBNF grammar or JSON schema on its own (no vocabulary needed), so that a typo is
+    refused before the model loads; compiling it for the vocabulary happens when it runs."""
+    from .constraints import _FIELD, _xgr
+
+    g = _xgr().Grammar
+    parse = {"regex": g.from_regex, "grammar": g.from_ebnf, "json_schema": g.from_json_schema}.get(spec.kind)
+    if parse is None:
+        return
+    if spec.kind == "grammar" and "::=" not in spec.value:
+        raise ParamError("grammar", f"is neither EBNF (no '::=' rule) nor a file that exists: {spec.value[:60]!r}")
+    try:
+        parse(spec.value)
+    except RuntimeError as e:
+        reason = (str(e).strip().splitlines() or ["does not parse"])[0]
+        reason = reason.split(": ", 1)[-1] if reason.startswith("[") else reason  # "[time] file.cc:83: why"
+        raise ParamError(_FIELD[spec.kind], f"does not compile: {reason}") from None
+
+
+def check_driver_args(a: argparse.Namespace, params: SamplingParams) -> None:
+    """The driver flags, checked before the model is loaded: ranges, combinations, the structured-output
+    spec (JSON parsed, files read). What needs the model (``early-exit:K``, compiling a regex) is checked
+    when the driver runs."""
+    opts = DriverOptions.from_args(a)
+    opts.validate()
+    spec = opts.spec()
+    if spec is not None:
+        _check_syntax(spec)
+    if opts.choice is not None and not all(opts.choice):
+        raise ParamError("choice", "every choice must be a non-empty string")
+    if opts.beam_width is not None and params.n > opts.beam_width:
+        raise ParamError("n", f"must be at most beam_width ({opts.beam_width}), got {params.n}")
+
+
 def run_driver_generate(a: argparse.Namespace, engine, prompt, params: SamplingParams) -> int:
     """``cmd_generate``'s path when a decoding-driver flag is set: prints the choices (or the OpenAI-shaped JSON
     with the extra fields under ``--json``)."""
@@ -267,6 +344,11 @@ def cmd_classify(a: argparse.Namespace) -> int:
         raise ParamError("example", "give at least two --example TEXT=LABEL")
     examples = [parse_example(e) for e in a.example]
     labels = [x.strip() for x in a.labels.split(",")] if a.labels else None
+    if labels is not None and not all(labels):
+        raise ParamError("labels", f"every label must be non-empty, got {a.labels!r}")
+    from ..classify import FewShotClassifier
+
+    FewShotClassifier(examples, labels, separator=a.separator)  # refuses bad examples/labels before loading
     from ..engine import Engine
     from ..weights import DEFAULT_MODEL
 
@@ -283,14 +365,15 @@ def cmd_classify(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from ..demos import DESCRIPTIONS, run_demo
+    from ..demos import DESCRIPTIONS, NO_ENGINE, check_demo, run_demo
 
     if a.name == "list":
         for name, what in DESCRIPTIONS.items():
             print(f"{name:>12}  {what}")
         return 0
+    check_demo(a.name, a.plot)  # a --plot the demo cannot draw is refused before the model loads
     engine = None
-    if a.model or a.dtype != "float32":
+    if (a.model or a.dtype != "float32") and a.name not in NO_ENGINE:
         from ..engine import Engine
         from ..weights import DEFAULT_MODEL
 

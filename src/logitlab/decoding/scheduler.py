@@ -1,15 +1,18 @@
-"""The decode loop: requests in KV-cache slots, one batched forward and one sampler call per step.
+"""The decode loop: running requests are the rows of one batched forward and one sampler call per step.
 
 Every front end (Python API, CLI, HTTP server) drives this loop. Each ``step()``:
 
-1. runs one decode forward for every running request (one new token each, rows = their cache slots),
-2. admits waiting requests into free slots and prefills them (a ragged, right-padded batch; the ``n``
-   samples of one prompt share one prefill: its cache slot is copied to its siblings),
+1. runs one decode forward for every running request (one new token each),
+2. admits waiting requests while there are rows and KV blocks for them and prefills them (a ragged,
+   right-padded batch). Their prompts first take whatever whole blocks the prefix cache holds, so only
+   the rest is computed; the ``n`` samples of one prompt share one prefill and its blocks,
 3. samples the next token of every row in ONE call of the sampling pipeline (per-row parameters),
 4. appends tokens, streams text (UTF-8 safe, stop strings held back), finishes requests on EOS, stop
-   token, stop string or length, and frees their slots — compacting so live slots stay ``0..R-1``,
-   which keeps the decode batch a plain slice of the cache.
+   token, stop string or length, and releases their blocks (their full blocks stay cached for reuse).
 
+The KV cache is paged (``model/paged_cache.py``): each request holds a block table, memory follows the
+tokens in use, and a request is admitted only when the pool can hold it to its end (it waits until
+then; one that could never fit is refused up front), so a running request never runs out of blocks.
 Requests can join or leave at any step (continuous batching). A request's randomness is a function of
 its own seed and its own token count, so its output does not depend on its batch neighbours.
 """
@@ -22,9 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.cache import KVCache
+from ..model.paged_cache import PagedKVCache
 from ..model.transformer import Transformer
-from ..sampling import SamplingBatch, SamplingParams, sample
+from ..sampling import ParamError, SamplingBatch, SamplingParams, sample
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .stops import StopStringMatcher
 
@@ -48,14 +51,31 @@ class Request:
     trace: list[dict] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
-    slot: int = -1
+    slot: int = -1  # row of the decode batch (and of the per-row sampling state)
+    blocks: list[int] = field(default_factory=list)  # KV-cache block table
+    reserved: int = 0  # KV blocks set aside for this request at admission (enough to reach its end)
+    allocated: int = 0  # blocks allocated for it since (not shared ones): counted against ``reserved``
     cancelled: bool = False
     constraint: object = None  # a constraints.ConstraintState: grammar / JSON schema / regex position
+    beam: object = None  # a beam.BeamGroup this request is one hypothesis of (the group holds the rows)
 
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class _Prefill:
+    """A prompt on its way into the KV cache, a chunk per step while other requests decode: its leader
+    (first) and the samples that will share its blocks."""
+
+    members: list[Request]
+    done: int = -1  # prompt positions in the cache (-1: the prefix cache not consulted yet)
+
+    @property
+    def leader(self) -> Request:
+        return self.members[0]
 
 
 @dataclass
@@ -78,30 +98,77 @@ class Scheduler:
         max_batch: int = 32,
         max_len: int = 2048,
         use_cache: bool = True,
+        kv_tokens: int | None = None,
+        block_size: int = 16,
+        prefill_chunk: int = 256,
     ):
+        """kv_tokens: the KV pool's budget in tokens (default: ``max_batch * max_len``, what a static cache
+        would hold); memory is taken as blocks are first used, so this is a ceiling. prefill_chunk: prompt
+        tokens computed per step while other requests are decoding (a long prompt then delays their next
+        token by one chunk's forward, not by the whole prompt's)."""
+        self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer = model, tokenizer
         self.vocab_size = model.config.vocab_size
         self.max_batch, self.max_len, self.use_cache = max_batch, max_len, use_cache
-        self.cache = KVCache(model.config, max_batch, max_len, dtype=model.dtype) if use_cache else None
+        capacity = -(-(kv_tokens or max_batch * max_len) // block_size) + 1  # + the scratch block
+        self.cache = PagedKVCache(model.config, capacity, block_size, dtype=model.dtype) if use_cache else None
         self.output_counts = torch.zeros(max_batch, self.vocab_size, dtype=torch.int32)
         self.prompt_counts = torch.zeros(max_batch, self.vocab_size, dtype=torch.int32)
+        self.mirostat_mu = torch.zeros(max_batch, dtype=torch.float64)  # per slot, like the counts
+        self._token_texts = None  # the vocabulary as text, for DRY's sequence breakers (made on first use)
         self.eos_ids = sorted(tokenizer.eos_token_ids)
-        self.waiting: deque[Request] = deque()
+        self.waiting: deque = deque()  # Requests, and BeamGroups (a beam search waits as one unit)
         self.running: list[Request] = []  # running[i].slot == i
+        self.groups: list = []  # running beam searches: their live beams are rows after ``running``
+        self.prefilling: list[_Prefill] = []  # admitted prompts not yet wholly in the cache
         self._state: dict[int, tuple] = {}  # request id -> (detokenizer, stop matcher)
         self._batch_key: tuple | None = None
         self._batch: SamplingBatch | None = None
 
     # ---- queue -------------------------------------------------------------------------------
     def add(self, requests: list[Request]) -> None:
-        """Queue requests; the ``n`` samples of one prompt must be added together (same group)."""
-        self.waiting.extend(requests)
+        """Queue requests (checked by ``check_fits`` in ``Engine.make_requests``); the ``n`` samples of
+        one prompt are added together (same group). The hypotheses of a beam search queue their group."""
+        for r in requests:
+            if r.beam is None:
+                self.waiting.append(r)
+            elif r is r.beam.requests[0]:
+                self.add_beam(r.beam)
+
+    def add_beam(self, group) -> None:
+        """Queue a beam search (``beam.BeamGroup``): ``width`` rows of the batch once admitted."""
+        if self.cache is None:
+            raise ParamError("beam_width", "beam search needs the KV cache (not --no-kv-cache)")
+        if group.W > self.max_batch:
+            raise ParamError("beam_width", f"must be at most {self.max_batch} (the largest batch), got {group.W}")
+        need = self._group_blocks(group)
+        if need > self.cache.capacity - 1:
+            raise ParamError("beam_width", f"beam_width x (prompt + max_tokens) needs {need} KV blocks; the pool "
+                             f"holds {self.cache.capacity - 1} (raise --kv-memory)")
+        self.waiting.append(group)
+
+    def _group_blocks(self, group) -> int:
+        return group.W * self._worst_blocks(len(group.prompt_ids), group.max_tokens) + \
+            self.cache.blocks_for(len(group.prompt_ids))
+
+    def _worst_blocks(self, prompt_len: int, max_tokens: int) -> int:
+        """Blocks one request may need by its end (+1: a copy of a shared last block)."""
+        return self.cache.blocks_for(min(prompt_len + max_tokens, self.max_len)) + 1
+
+    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        """ParamError when one request alone could never fit in the KV pool (it would wait forever)."""
+        if self.cache is None:
+            return
+        need, have = self._worst_blocks(prompt_len, max_tokens), self.cache.capacity - 1
+        if need > have:
+            raise ParamError("max_tokens", f"prompt + max_tokens need {need * self.cache.block_size} KV-cache "
+                             f"positions; the pool holds {have * self.cache.block_size} (raise --kv-memory)")
 
     def abort(self, request: Request) -> None:
         request.cancelled = True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.groups or self.prefilling)
 
     # ---- one step ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -109,17 +176,45 @@ class Scheduler:
         events: list[TokenEvent] = []
         for r in [r for r in self.running if r.cancelled]:
             events.append(self._finish(r, "abort"))
-        for r in [r for r in self.waiting if r.cancelled]:
+        for r in [r for r in self.waiting if _cancelled(r)]:
             self.waiting.remove(r)
-            r.finish_reason = "abort"
-            events.append(TokenEvent(r, None, "", finish_reason="abort"))
+            if isinstance(r, Request):
+                r.finish_reason = "abort"
+                events.append(TokenEvent(r, None, "", finish_reason="abort"))
+            else:
+                r.abort(None)
+                events += self._group_events(r, "abort")
+        for g in [g for g in self.groups if _cancelled(g)]:
+            g.abort(self.cache)
+        for u in [u for u in self.prefilling if all(r.cancelled for r in u.members)]:
+            self.prefilling.remove(u)
+            if self.cache is not None:
+                self.cache.release(u.leader.blocks)
+            for r in u.members:
+                r.finish_reason = "abort"
+                events.append(TokenEvent(r, None, "", finish_reason="abort"))
         self._release_finished()
 
-        running = list(self.running)
-        logits = [self._decode_logits(running)] if running else []
-        admitted = self._admit()
+        running, groups = list(self.running), [g for g in self.groups if not g.done]
+        decoded = self._decode_logits(running, groups) if running or groups else None
+        logits = [decoded[: len(running)]] if running else []
+        admitted, new_groups = self._admit()
+        self.prefilling += _units(admitted)
+        admitted, ready_logits = self._prefill_step(chunked=bool(running or groups))
         if admitted:
-            logits.append(self._prefill_logits(admitted))
+            logits.append(ready_logits)
+            self._activate(admitted, len(running))
+        if new_groups:
+            self._prefill_groups(new_groups)
+        offset = len(running)
+        for g in groups:  # each beam search picks its next beams from its rows' logits
+            R = g.live()
+            g.select(decoded[offset: offset + R], self.cache, self._text_tokenizer())
+            offset += R
+        self.groups += new_groups
+        for g in [g for g in self.groups if g.done]:
+            self.groups.remove(g)
+            events += self._group_events(g, "abort" if g.aborted else None)
         self.running.extend(admitted)
         rows = running + admitted
         if not rows:
@@ -132,16 +227,25 @@ class Scheduler:
 
             logits = apply_allowed(logits, allowed_masks([r.constraint for r in rows], self.vocab_size))
 
+        batch = self._sampling_batch(rows)
+        history = None
+        if {"dry", "no_repeat_ngram"} & batch.uses:  # these read each row's tokens in order
+            history = _pad([r.prompt_ids + r.output_ids for r in rows], fill=-1)[0]
+        miro = "mirostat" in batch.uses
         out = sample(
             logits,
-            self._sampling_batch(rows),
+            batch,
             output_counts=self.output_counts[: len(rows)],
             prompt_counts=self.prompt_counts[: len(rows)],
             num_generated=torch.tensor([len(r.output_ids) for r in rows]),
             num_logprobs=max((r.params.logprobs or 0) for r in rows),
             explain=any(r.params.explain for r in rows),
+            history=history,
+            mirostat_mu=self.mirostat_mu[: len(rows)] if miro else None,
         )
         self.output_counts[torch.arange(len(rows)), out.tokens] += 1
+        if miro:
+            self.mirostat_mu[: len(rows)] = out.mirostat_mu
         tokens = out.tokens.tolist()
         logprobs = out.logprobs.tolist()
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
@@ -162,12 +266,40 @@ class Scheduler:
         return events
 
     # ---- model calls -------------------------------------------------------------------------
-    def _decode_logits(self, rows: list[Request]) -> torch.Tensor:
+    def _decode_logits(self, rows: list[Request], groups=()) -> torch.Tensor:
+        """One decode forward: a new token for every running request, then for every live beam of each
+        beam search (rows in that order)."""
         if not self.use_cache:
             return self._full_recompute_logits(rows)
-        tokens = torch.tensor([[r.output_ids[-1]] for r in rows])
-        positions = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in rows])
-        return self.model(tokens, positions, self.cache, rows=slice(0, len(rows)))
+        tokens = [r.output_ids[-1] for r in rows]
+        positions = [len(r.prompt_ids) + len(r.output_ids) - 1 for r in rows]
+        for r, p in zip(rows, positions, strict=True):
+            self._writable(r, p)
+        tables = [r.blocks for r in rows]
+        for g in groups:
+            p = g.position
+            for t in g.tables:
+                self.cache.ensure_writable(t, p)
+            tokens += g.last_tokens()
+            positions += [p] * g.live()
+            tables += g.tables
+        return self.model(torch.tensor(tokens).unsqueeze(1), torch.tensor(positions).unsqueeze(1), self.cache,
+                          block_tables=PagedKVCache.table_tensor(tables))
+
+    def _writable(self, r: Request, position: int) -> None:
+        """Make ``position`` of ``r`` writable; a new or copied block counts against its reservation."""
+        before = r.blocks[position // self.cache.block_size] if position // self.cache.block_size < len(r.blocks) \
+            else None
+        self.cache.ensure_writable(r.blocks, position)
+        if r.blocks[position // self.cache.block_size] != before:
+            r.allocated += 1
+
+    def _outstanding(self) -> int:
+        """Blocks the running requests and beam searches may still allocate (their reservations). A beam
+        search's beams copy and drop blocks as they reorder, so its use is counted as the blocks it holds."""
+        plain = sum(max(0, r.reserved - r.allocated) for r in self.running)
+        plain += sum(max(0, r.reserved - r.allocated) for u in self.prefilling for r in u.members)
+        return plain + sum(max(0, g.reserved - len({b for t in g.tables for b in t})) for g in self.groups)
 
     def _full_recompute_logits(self, rows: list[Request]) -> torch.Tensor:
         """No KV cache: run every sequence from its first token again (cost grows with length)."""
@@ -177,76 +309,155 @@ class Scheduler:
         return self.model(tokens, positions, None, valid=valid)
 
     def _admit(self) -> list[Request]:
-        """Move waiting requests into free slots (whole groups only), resetting their counters."""
+        """Move waiting requests, in order, into free rows while the KV pool can hold them to their end
+        (reserving their blocks); reset their per-row state. A group (the n samples of a prompt) may be
+        admitted over several steps: members admitted together share one prefill."""
         admitted: list[Request] = []
-        while self.waiting:
-            group = [self.waiting[0]]
-            for r in itertools.islice(self.waiting, 1, None):
-                if r.group == group[0].group and r.group != -1:
-                    group.append(r)
-            if len(self.running) + len(admitted) + len(group) > self.max_batch:
-                break
-            for r in group:
-                self.waiting.remove(r)
-                r.slot = len(self.running) + len(admitted)
-                admitted.append(r)
-                self.output_counts[r.slot].zero_()
-                self.prompt_counts[r.slot].zero_()
-                ids = torch.tensor(r.prompt_ids)
-                self.prompt_counts[r.slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
-                self._state[r.id] = (
-                    IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
-                    StopStringMatcher(r.params.stop),
-                )
-        return admitted
+        new_groups: list = []
+        budget = self.cache.num_free() - self._outstanding() if self.cache is not None else 0
+        leaders: dict[int, Request] = {}
+        rows = len(self.running) + sum(g.W for g in self.groups) + sum(len(u.members) for u in self.prefilling)
+        while self.waiting and rows < self.max_batch:
+            r = self.waiting[0]
+            if not isinstance(r, Request):  # a beam search: its width in rows, its worst case in blocks
+                need = self._group_blocks(r)
+                if rows + r.W > self.max_batch or need > budget:
+                    break
+                budget -= need
+                r.reserved = need
+                rows += r.W
+                new_groups.append(self.waiting.popleft())
+                continue
+            rows += 1
+            if self.cache is not None:
+                # a sibling admitted with its leader shares the prompt's blocks; otherwise all are new
+                shared = r.group != -1 and r.group in leaders
+                need = self._worst_blocks(len(r.prompt_ids), r.params.max_tokens)
+                need -= self.cache.blocks_for(len(r.prompt_ids)) - 1 if shared else 0
+                if need > budget:
+                    break
+                budget -= need
+                r.reserved, r.allocated = need, 0
+                if r.group != -1:
+                    leaders.setdefault(r.group, r)
+            admitted.append(self.waiting.popleft())
+        return admitted, new_groups
 
-    def _prefill_logits(self, admitted: list[Request]) -> torch.Tensor:
-        """One ragged forward over the first request of each group; its cache slot is copied to the
-        other samples of the group. Returns the next-token logits of every admitted request."""
-        leaders: list[Request] = []
-        leader_of: list[int] = []
-        for r in admitted:
-            if not leaders or r.group == -1 or r.group != leaders[-1].group:
-                leaders.append(r)
-            leader_of.append(len(leaders) - 1)
-        seqs = [r.prompt_ids for r in leaders]
-        tokens, valid = _pad(seqs)
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        echo = any(r.params.echo for r in leaders)
+    def _activate(self, ready: list[Request], first_row: int) -> None:
+        """Give requests whose prompt is in the cache their rows (from ``first_row``) and per-row state."""
+        for i, r in enumerate(ready):
+            r.slot = first_row + i
+            self.mirostat_mu[r.slot] = 2.0 * r.params.mirostat_tau  # Mirostat's initial mu
+            self._state[r.id] = (
+                IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
+                StopStringMatcher(r.params.stop),
+            )
+        # their rows' token counts, in one go (a row per request would be n small ops)
+        lo, hi = ready[0].slot, ready[-1].slot + 1
+        self.output_counts[lo:hi].zero_()
+        self.prompt_counts[lo:hi].zero_()
+        rows = torch.cat([torch.full((len(r.prompt_ids),), r.slot) for r in ready])
+        ids = torch.cat([torch.tensor(r.prompt_ids) for r in ready])
+        self.prompt_counts.index_put_((rows, ids), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
+
+    def _prefill_groups(self, groups: list) -> None:
+        """Prefill the prompts of newly admitted beam searches (cached prefix blocks reused) in one ragged
+        forward, and let each pick its first beams."""
+        starts, tables = [], []
+        for g in groups:
+            table = self.cache.match_prefix(g.prompt_ids, len(g.prompt_ids) - 1)
+            starts.append(len(table) * self.cache.block_size)
+            for p in range(starts[-1], len(g.prompt_ids)):
+                self.cache.ensure_writable(table, p)
+            tables.append(table)
+        tokens, valid = _pad([g.prompt_ids[s:] for g, s in zip(groups, starts, strict=True)])
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens) + torch.tensor(starts).unsqueeze(1)
+        last = self.model(tokens, positions, self.cache, valid=valid, block_tables=PagedKVCache.table_tensor(tables))
+        for i, (g, table) in enumerate(zip(groups, tables, strict=True)):
+            self.cache.register_prefix(g.prompt_ids, table, len(g.prompt_ids))
+            g.tables = [table]
+            g.select(last[i: i + 1], self.cache, self._text_tokenizer())
+
+    def _text_tokenizer(self):
+        return self.tokenizer if hasattr(self.tokenizer, "decode") else None
+
+    def _group_events(self, g, reason: str | None) -> list[TokenEvent]:
+        """A decided (or aborted) beam search: its visible requests become the ``n`` best hypotheses."""
+        events = []
+        hyps = g.result(self._text_tokenizer()).hypotheses
+        for r, h in zip(g.requests, hyps + [None] * len(g.requests), strict=False):
+            if h is not None and reason is None:
+                r.output_ids, r.token_logprobs = list(h.token_ids), list(h.token_logprobs)
+                r.text = h.text or ""
+            r.finish_reason = reason or (h.finish_reason if h is not None else "stop")
+            events.append(TokenEvent(r, None, r.text, finish_reason=r.finish_reason))
+        return events
+
+    def _prefill_step(self, chunked: bool) -> tuple[list[Request], torch.Tensor | None]:
+        """Advance the prompts being prefilled by one ragged forward. A leader first takes the whole blocks
+        of its prompt that the prefix cache holds (never the block of its last token, whose logits are
+        needed), then computes the rest; while others are decoding (``chunked``) at most
+        ``prefill_chunk`` prompt tokens are computed per step, oldest prompt first. Echo needs every
+        prompt position's logits, and a run without a KV cache has nothing to resume from: those prompts go
+        whole. Returns the requests whose prompt is now complete (a leader's samples share its blocks) and
+        their next-token logits [R, V]."""
+        budget = self.prefill_chunk if chunked else None
+        chosen: list[tuple[_Prefill, int, int]] = []
+        for u in self.prefilling:
+            lead, L = u.leader, len(u.leader.prompt_ids)
+            if u.done < 0:
+                u.done = 0
+                if self.use_cache and not lead.params.echo:
+                    lead.blocks = self.cache.match_prefix(lead.prompt_ids, L - 1)
+                    u.done = len(lead.blocks) * self.cache.block_size
+            whole = budget is None or lead.params.echo or not self.use_cache
+            take = L - u.done if whole else min(L - u.done, budget)
+            if take < 1:
+                break
+            chosen.append((u, u.done, u.done + take))
+            if budget is not None:
+                budget -= take
+                if budget <= 0:
+                    break
+        if not chosen:
+            return [], None
         if self.use_cache:
-            # Leaders are prefilled into consecutive slots starting at the first admitted slot; when a
-            # group has several members, members are then copied to their own slots.
-            first = admitted[0].slot
-            staging = slice(first, first + len(leaders))
-            out = self.model(tokens, positions, self.cache, rows=staging, valid=valid,
-                             logits_at="all" if echo else "last")
+            for u, a, b in chosen:
+                for p in range(a, b):
+                    self._writable(u.leader, p)
+        tokens, valid = _pad([u.leader.prompt_ids[a:b] for u, a, b in chosen])
+        starts = torch.tensor([a for _, a, _ in chosen]).unsqueeze(1)
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens) + starts
+        echo = any(u.leader.params.echo for u, _, _ in chosen)
+        logits_at = "all" if echo else "last"
+        if self.use_cache:
+            out = self.model(tokens, positions, self.cache, valid=valid, logits_at=logits_at,
+                             block_tables=PagedKVCache.table_tensor([u.leader.blocks for u, _, _ in chosen]))
+            for u, _, b in chosen:
+                self.cache.register_prefix(u.leader.prompt_ids, u.leader.blocks, b)
         else:
-            out = self.model(tokens, positions, None, valid=valid, logits_at="all" if echo else "last")
-        if echo:
-            lengths = valid.sum(1)
-            for g, r in enumerate(leaders):
-                if r.params.echo:
-                    self._prompt_logprobs(r, out[g, : lengths[g]])
-            last = out[torch.arange(len(leaders)), lengths - 1]
-        else:
-            last = out
-        if self.use_cache and len(leaders) != len(admitted):
-            # Move leaders from their staging slots to their final slots, last first so nothing
-            # is overwritten before it is read, then copy each leader into its siblings.
-            first = admitted[0].slot
-            final = [next(r.slot for r, g in zip(admitted, leader_of, strict=True) if g == i)
-                     for i in range(len(leaders))]
-            for i in reversed(range(len(leaders))):
-                if final[i] != first + i:
-                    self.cache.copy_slot(first + i, final[i], len(leaders[i].prompt_ids))
-            for r, g in zip(admitted, leader_of, strict=True):
-                if r.slot != final[g]:
-                    self.cache.copy_slot(final[g], r.slot, len(r.prompt_ids))
-        for r, g in zip(admitted, leader_of, strict=True):
-            if r.params.echo and r is not leaders[g]:
-                r.prompt_logprobs = leaders[g].prompt_logprobs
-                r.prompt_top_logprobs = leaders[g].prompt_top_logprobs
-        return last[torch.tensor(leader_of)]
+            out = self.model(tokens, positions, None, valid=valid, logits_at=logits_at)
+        lengths = valid.sum(1)
+        last = out[torch.arange(len(chosen)), lengths - 1] if echo else out
+        ready: list[Request] = []
+        rows: list[int] = []
+        for i, (u, _, b) in enumerate(chosen):
+            u.done = b
+            if b < len(u.leader.prompt_ids):
+                continue  # more chunks to come
+            self.prefilling.remove(u)
+            lead = u.leader
+            if lead.params.echo:
+                self._prompt_logprobs(lead, out[i, : lengths[i]])
+            for r in u.members:
+                if r is not lead:
+                    if self.use_cache:
+                        r.blocks = self.cache.share(lead.blocks)
+                    if r.params.echo:
+                        r.prompt_logprobs, r.prompt_top_logprobs = lead.prompt_logprobs, lead.prompt_top_logprobs
+                ready.append(r)
+                rows.append(i)
+        return ready, (last[torch.tensor(rows)] if ready else None)
 
     def _prompt_logprobs(self, r: Request, logits: torch.Tensor) -> None:
         """Logprob of each prompt token given the ones before it (the first has none)."""
@@ -264,11 +475,27 @@ class Scheduler:
     def _sampling_batch(self, rows: list[Request]) -> SamplingBatch:
         key = tuple(r.id for r in rows)
         if key != self._batch_key:  # rebuilt only when the batch composition changes
+            texts = self.vocab_texts() if any(r.params.dry_multiplier > 0 for r in rows) else None
             self._batch = SamplingBatch.build(
-                [r.params for r in rows], [r.seed for r in rows], self.vocab_size, self.eos_ids
+                [r.params for r in rows], [r.seed for r in rows], self.vocab_size, self.eos_ids,
+                token_texts=texts,
             )
             self._batch_key = key
         return self._batch
+
+    def vocab_texts(self):
+        """Every token id decoded on its own (ids past the tokenizer's vocabulary: ""), made once."""
+        if self._token_texts is None:
+            from ..sampling.history import TokenTexts
+
+            n = min(self.vocab_size, self.tokenizer.vocab_size)
+            backend = getattr(self.tokenizer, "backend", None)  # the `tokenizers` object: one batched call
+            if backend is not None:
+                texts = backend.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
+            else:
+                texts = [self.tokenizer.decode([i]) for i in range(n)]
+            self._token_texts = TokenTexts(list(texts) + [""] * (self.vocab_size - n))
+        return self._token_texts
 
     def _append(self, r: Request, token: int, logprob: float, top) -> TokenEvent:
         p = r.params
@@ -301,28 +528,49 @@ class Scheduler:
         return TokenEvent(r, token, text, logprob, top, finish_reason=reason)
 
     def _release_finished(self) -> None:
-        """Free the slots of finished requests, moving the highest live slots down into the holes."""
+        """Release the blocks of finished requests (keying their full blocks, so a follow-up that
+        repeats the conversation reuses them) and move live rows down into the holes."""
         live = [r for r in self.running if not r.finished]
         if len(live) == len(self.running):
             return
         for r in self.running:
             if r.finished:
                 self._state.pop(r.id, None)
+                if self.cache is not None and r.blocks:
+                    seq = r.prompt_ids + r.output_ids
+                    self.cache.register_prefix(seq, r.blocks, len(seq) - 1)  # the last token was never fed
+                    self.cache.release(r.blocks)
         for new_slot, r in enumerate(live):
             if r.slot != new_slot:
-                length = len(r.prompt_ids) + len(r.output_ids) - 1  # positions already in the cache
-                if self.cache is not None:
-                    self.cache.copy_slot(r.slot, new_slot, length)
                 self.output_counts[new_slot] = self.output_counts[r.slot]
                 self.prompt_counts[new_slot] = self.prompt_counts[r.slot]
+                self.mirostat_mu[new_slot] = self.mirostat_mu[r.slot]
                 r.slot = new_slot
         self.running = live
 
 
-def _pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists into tokens [B, T] and a validity mask [B, T]."""
+def _units(admitted: list[Request]) -> list[_Prefill]:
+    """Admitted requests -> prefills: the samples of one prompt admitted together share one."""
+    units: list[_Prefill] = []
+    for r in admitted:
+        if units and r.group != -1 and r.group == units[-1].leader.group:
+            units[-1].members.append(r)
+        else:
+            units.append(_Prefill([r]))
+    return units
+
+
+def _cancelled(item) -> bool:
+    """A request, or a beam search whose client cancelled any of its hypotheses."""
+    if isinstance(item, Request):
+        return item.cancelled
+    return any(r.cancelled for r in item.requests)
+
+
+def _pad(seqs: list[list[int]], fill: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into tokens [B, T] (padding ``fill``) and a validity mask [B, T]."""
     width = max(len(s) for s in seqs)
-    tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+    tokens = torch.full((len(seqs), width), fill, dtype=torch.long)
     valid = torch.zeros(len(seqs), width, dtype=torch.bool)
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = torch.tensor(s)

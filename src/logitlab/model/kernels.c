@@ -151,11 +151,18 @@ static inline __m512 exp_nonpos(__m512 x) {
 
 
 
-static void attend_one(const float *q, const float *k, const float *v, int64_t n, int64_t D, float scale,
-                       float *s, float *out) {
+/* Key/value row l of one (row, head): contiguous from base (blocks == NULL), or, in a paged cache, row
+   l % bs of block blocks[l / bs], blocks being block_stride floats apart. */
+static inline const float *kv_row(const float *base, const int64_t *blocks, int64_t block_stride, int64_t bs,
+                                  int64_t l, int64_t D) {
+    return blocks ? base + blocks[l / bs] * block_stride + (l % bs) * D : base + l * D;
+}
+
+static void attend_one(const float *q, const float *k, const float *v, const int64_t *blocks, int64_t block_stride,
+                       int64_t bs, int64_t n, int64_t D, float scale, float *s, float *out) {
     float mx = -INFINITY;
     for (int64_t l = 0; l < n; l++) {
-        const float *kl = k + l * D;
+        const float *kl = kv_row(k, blocks, block_stride, bs, l, D);
         float dot = 0.f;
         int64_t d = 0;
 #ifdef __AVX512F__
@@ -185,7 +192,7 @@ static void attend_one(const float *q, const float *k, const float *v, int64_t n
     float inv = 1.f / sum;
     for (int64_t d = 0; d < D; d++) out[d] = 0.f;
     for (l = 0; l < n; l++) {
-        const float *vl = v + l * D;
+        const float *vl = kv_row(v, blocks, block_stride, bs, l, D);
         float p = s[l] * inv;
         int64_t d = 0;
 #ifdef __AVX512F__
@@ -211,8 +218,29 @@ void attend_decode(const float *q, int64_t q_row_stride, const float *k_cache, c
             int64_t b = bh / H, h = bh % H;
             int64_t off = ((slot0 + b) * K + h / G) * max_pos * D;
             int64_t n = lens[b] < 1 ? 1 : (lens[b] > max_pos ? max_pos : lens[b]);
-            attend_one(q + b * q_row_stride + h * D, k_cache + off, v_cache + off, n, D, scale, s,
+            attend_one(q + b * q_row_stride + h * D, k_cache + off, v_cache + off, NULL, 0, n, n, D, scale, s,
                        out + (b * H + h) * D);
+        }
+        free(s);
+    }
+}
+
+/* The same over a paged cache: k_pool, v_pool [blocks, K, bs, D] contiguous; row b's positions are in the
+   blocks tables[b * width ...] in order; lens[b] keys (clamped to [1, width * bs]).  out [B, H, D]. */
+void attend_paged(const float *q, int64_t q_row_stride, const float *k_pool, const float *v_pool,
+                  const int64_t *tables, int64_t width, int64_t bs, int64_t B, int64_t H, int64_t K, int64_t D,
+                  const int64_t *lens, float scale, float *out) {
+    int64_t G = H / K, max_pos = width * bs, block_stride = K * bs * D;
+    #pragma omp parallel
+    {
+        float *s = (float *)malloc(sizeof(float) * (size_t)max_pos);
+        #pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            int64_t b = bh / H, h = bh % H;
+            int64_t n = lens[b] < 1 ? 1 : (lens[b] > max_pos ? max_pos : lens[b]);
+            int64_t head = (h / G) * bs * D;  /* this kv head's rows inside a block */
+            attend_one(q + b * q_row_stride + h * D, k_pool + head, v_pool + head, tables + b * width, block_stride,
+                       bs, n, D, scale, s, out + (b * H + h) * D);
         }
         free(s);
     }
@@ -274,6 +302,29 @@ void rope_store(const float *qkv, int64_t B, int64_t H, int64_t K, int64_t D, co
         for (int64_t kv = 0; kv < (store ? K : 0); kv++) {
             const float *x = row + (H + K + kv) * D;
             float *dst = v_cache + (((slot0 + b) * K + kv) * max_pos + pos[b]) * D;
+            for (int64_t d = 0; d < D; d++) dst[d] = x[d];
+        }
+    }
+}
+
+/* rope_store into a paged cache: row b's key and value go to block blocks[b], offset offs[b] of the pools
+   [blocks, K, bs, D] (blocks[b] < 0: nothing is stored). */
+void rope_store_paged(const float *qkv, int64_t B, int64_t H, int64_t K, int64_t D, const float *cos_,
+                      const float *sin_, float *q_out, float *k_pool, float *v_pool, int64_t bs,
+                      const int64_t *blocks, const int64_t *offs) {
+    int64_t half = D / 2, width = (H + 2 * K) * D;
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = qkv + b * width, *c = cos_ + b * D, *s = sin_ + b * D;
+        int store = blocks[b] >= 0;
+        for (int64_t h = 0; h < (store ? H + K : H); h++) {
+            const float *x = row + h * D;
+            float *dst = h < H ? q_out + (b * H + h) * D
+                               : k_pool + ((blocks[b] * K + (h - H)) * bs + offs[b]) * D;
+            for (int64_t d = 0; d < D; d++) dst[d] = x[d] * c[d] + x[(d + half) % D] * s[d];
+        }
+        for (int64_t kv = 0; kv < (store ? K : 0); kv++) {
+            const float *x = row + (H + K + kv) * D;
+            float *dst = v_pool + ((blocks[b] * K + kv) * bs + offs[b]) * D;
             for (int64_t d = 0; d < D; d++) dst[d] = x[d];
         }
     }

@@ -92,6 +92,10 @@ def _library():
     lib.silu_mul.restype = None
     lib.rope_store.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i64, i64, p]
     lib.rope_store.restype = None
+    lib.attend_paged.argtypes = [p, i64, p, p, p, i64, i64, i64, i64, i64, i64, p, ctypes.c_float, p]
+    lib.attend_paged.restype = None
+    lib.rope_store_paged.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i64, p, p]
+    lib.rope_store_paged.restype = None
     return lib
 
 
@@ -164,6 +168,51 @@ def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _library().attend_decode(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), slot0, B, H, K,
                              max_pos, D, lens.data_ptr(), D**-0.5, out.data_ptr())
     return out
+
+
+def attend_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                 lens: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """``attend_decode`` over a paged cache: pools [blocks, K, bs, D] float32 contiguous (one layer),
+    tables [B, width] int64 block ids (every id < blocks), lens [B] -> [B, H * D]. ``check=False``: the
+    caller checked the tables and lens once for all layers (contiguous int64, ids in the pool)."""
+    B, H, D = q.shape
+    n_blocks, K, bs, Dk = k_pool.shape
+    if check:
+        tables = tables.to(torch.int64).contiguous()
+        lens = lens.to(torch.int64).contiguous()
+    if check and (not _f32(k_pool, v_pool) or q.dtype != torch.float32 or Dk != D or H % K
+                  or v_pool.shape != k_pool.shape or q.stride(2) != 1 or q.stride(1) != D or tables.dim() != 2
+                  or tables.shape[0] != B or lens.shape != (B,)):
+        raise ValueError(f"attend_paged: q {tuple(q.shape)}, pool {tuple(k_pool.shape)}, tables {tuple(tables.shape)}")
+    if check and tables.numel() and not (0 <= int(tables.min()) and int(tables.max()) < n_blocks):
+        raise ValueError("attend_paged: a block id is outside the pool")
+    out = torch.empty(B, H * D)
+    _library().attend_paged(q.data_ptr(), q.stride(0), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(),
+                            tables.shape[1], bs, B, H, K, D, lens.data_ptr(), D**-0.5, out.data_ptr())
+    return out
+
+
+def rope_store_paged(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, signed_sin: torch.Tensor,
+                     k_pool: torch.Tensor, v_pool: torch.Tensor, blocks: torch.Tensor,
+                     offsets: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """``rope_store`` into a paged cache: row b's key/value go to block ``blocks[b]`` at ``offsets[b]``
+    (a negative block stores nothing). ``check=False``: blocks/offsets were checked once per forward."""
+    n_blocks, K, bs, D = k_pool.shape
+    B = qkv.shape[0]
+    if check:
+        blocks, offsets = blocks.to(torch.int64).contiguous(), offsets.to(torch.int64).contiguous()
+    if check and not _f32(qkv, cos, signed_sin, k_pool, v_pool) or v_pool.shape != k_pool.shape:
+        raise ValueError("rope_store_paged takes contiguous float32 tensors and equal pools")
+    if check and (qkv.shape != (B, (num_heads + 2 * K) * D) or cos.shape != (B, D) or signed_sin.shape != (B, D)
+                  or blocks.shape != (B,) or offsets.shape != (B,)):
+        raise ValueError(f"rope_store_paged: qkv {tuple(qkv.shape)} for {num_heads} heads, pool {tuple(k_pool.shape)}")
+    if check and B and (int(blocks.max()) >= n_blocks or int(offsets.min()) < 0 or int(offsets.max()) >= bs):
+        raise ValueError("rope_store_paged: a block or offset is outside the pool")
+    q = torch.empty(B, num_heads, D)
+    _library().rope_store_paged(qkv.data_ptr(), B, num_heads, K, D, cos.data_ptr(), signed_sin.data_ptr(),
+                                q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), bs, blocks.data_ptr(),
+                                offsets.data_ptr())
+    return q
 
 
 def _f32(*tensors: torch.Tensor) -> bool:

@@ -29,6 +29,7 @@ from torch import nn
 from . import native
 from .cache import KVCache
 from .config import ModelConfig
+from .paged_cache import SCRATCH, PagedKVCache
 
 
 def _native_ok() -> bool:
@@ -111,7 +112,10 @@ class Step:
     bias [B, 1, G*T, L]: the same mask as 0 / -inf, repeated for the G query heads of a kv head (the
     small-matmul attention path); rows: the cache slots; batch_idx [B, 1]; native_lens [B]: keys per row
     when the native decode-attention kernel runs (one new float32 token per row against the cache), else
-    None."""
+    None. Paged cache: tables [B, W] block ids, write_blocks / write_offsets [B, T] where each new token's
+    key and value go (padding: the scratch block)."""
+
+    tables = write_blocks = write_offsets = None
 
     def __init__(self, cos, sin, positions, key_len, mask, groups, rows, native_decode=False, causal=False):
         self.cos, self.sin, self.positions, self.key_len = cos, sin, positions, key_len
@@ -121,7 +125,7 @@ class Step:
         self.causal = causal  # no cache, no padding: the fused kernel's own causal mask (training)
         self.native_lens = None
         if native_decode:  # padding rows sit at the scratch position: they read every key; harmless
-            self.native_lens = positions[:, 0].clamp(max=key_len - 1) + 1
+            self.native_lens = (positions[:, 0].clamp(max=key_len - 1) + 1).contiguous()
         elif self.small:
             self.bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
             self.bias = self.bias.repeat(1, 1, groups, 1)
@@ -168,6 +172,11 @@ class Attention(nn.Module):
         B, T = step.positions.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
+        if step.native_lens is not None and step.tables is not None:  # paged decode in native kernels
+            k_pool, v_pool = layer_cache
+            q = native.rope_store_paged(qkv, H, step.cos.view(B, D), step.sin.view(B, D), k_pool, v_pool,
+                                        step.write_blocks.view(B), step.write_offsets.view(B), check=False)
+            return self.o_proj(native.attend_paged(q, k_pool, v_pool, step.tables, step.native_lens, check=False))
         if step.native_lens is not None:  # decode: RoPE, cache write and attention in native kernels
             k_cache, v_cache = layer_cache
             q = native.rope_store(qkv, H, step.cos.view(B, D), step.sin.view(B, D), k_cache, v_cache,
@@ -180,6 +189,14 @@ class Attention(nn.Module):
         v = qkv[:, (H + K) * D :].view(B, T, K, D)
         if layer_cache is None:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # attend to the given tokens only
+        elif step.tables is not None:  # paged: write each token into its block, read the row's blocks in order
+            k_pool, v_pool = layer_cache
+            k_pool[step.write_blocks, :, step.write_offsets] = k.to(k_pool.dtype)  # indexed shape [B, T, K, D]
+            v_pool[step.write_blocks, :, step.write_offsets] = v.to(v_pool.dtype)
+            bs = k_pool.shape[2]
+            nb = -(-step.key_len // bs)
+            keys, values = (p[step.tables[:, :nb]].transpose(1, 2).reshape(B, K, nb * bs, D)[:, :, : step.key_len]
+                            for p in (k_pool, v_pool))  # [B, nb, K, bs, D] -> [B, K, L, D]
         else:
             k_cache, v_cache = layer_cache
             kc, vc = k_cache[step.rows], v_cache[step.rows]  # views [B, K, max_len + 1, D]
@@ -299,6 +316,7 @@ class Transformer(nn.Module):
         valid: torch.Tensor | None = None,
         logits_at: str | torch.Tensor = "last",
         num_layers: int | None = None,
+        block_tables: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``tokens [B, T]`` at ``positions [B, T]``.
 
@@ -312,11 +330,21 @@ class Transformer(nn.Module):
             The LM head (the largest matrix) only runs where logits are wanted.
         num_layers: run only the first ``num_layers`` blocks, then the final norm and LM head (early
             exit: the "amateur" of contrastive decoding and a free draft model for speculative decoding).
+        block_tables [B, W] (with a ``PagedKVCache``): each row's blocks; the blocks for the new positions
+            must already be there and writable (``PagedKVCache.ensure_writable``).
         """
         B, T = tokens.shape
         if valid is None:
             valid = torch.ones_like(tokens, dtype=torch.bool)
-        if cache is not None:
+        paged = isinstance(cache, PagedKVCache)
+        if paged:
+            bs, W = cache.block_size, block_tables.shape[1]
+            write_blocks = torch.where(valid, block_tables.gather(1, (positions // bs).clamp(max=W - 1)), SCRATCH)
+            write_offsets = torch.where(valid, positions % bs, 0)
+            positions = torch.where(valid, positions, 0)  # a padded query sees key 0 only; its output is unused
+            key_len = int(positions.masked_fill(~valid, -1).max()) + 1
+            mask = torch.arange(key_len).view(1, 1, 1, -1) <= positions.view(B, 1, T, 1)
+        elif cache is not None:
             rows = rows if rows is not None else slice(0, B)
             positions = torch.where(valid, positions, cache.scratch)
             key_len = int(positions.masked_fill(~valid, -1).max()) + 1
@@ -335,11 +363,17 @@ class Transformer(nn.Module):
             cos = self.rope_cos[positions].unsqueeze(2).to(self.dtype)  # [B, T, 1, D]
             sin = self.rope_sin[positions].unsqueeze(2).to(self.dtype)
         native_decode = (rope and cache is not None and T == 1 and self.dtype == torch.float32
-                         and cache.dtype == torch.float32 and isinstance(rows, slice) and rows.step in (None, 1)
+                         and cache.dtype == torch.float32 and (paged or (isinstance(rows, slice)
+                                                                         and rows.step in (None, 1)))
                          and _native_ok())
         causal = cache is None and bool(valid.all()) and T > 1
         step = Step(cos, sin, positions, key_len, mask, self.config.num_heads // self.config.num_kv_heads, rows,
                     native_decode, causal=causal and bool((positions[:, 1:] - positions[:, :-1] == 1).all()))
+        if paged:
+            step.tables = block_tables.contiguous()
+            step.write_blocks, step.write_offsets = write_blocks.contiguous(), write_offsets.contiguous()
+            if native_decode and not (0 <= int(block_tables.min()) and int(block_tables.max()) < cache.k[0].shape[0]):
+                raise ValueError("model: a block table names a block outside the pool")
 
         h = self.model.embed_tokens(tokens.reshape(-1))  # [B*T, C]: every matmul sees one 2-D input
         if not rope:  # learned absolute positions (padding sits at the scratch position: clamp, it is masked)

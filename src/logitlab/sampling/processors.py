@@ -254,3 +254,62 @@ def eta(logits: torch.Tensor, eta_: torch.Tensor):
     thresh = torch.minimum(e, e.sqrt() * torch.exp(-ent))  # eta = 0 -> 0: removes nothing
     remove = (probs < thresh) & (logits < logits.amax(-1, keepdim=True))
     return logits.masked_fill(remove, NEG_INF)
+
+
+# ---- the samplers of llama.cpp / text-generation-webui ------------------------------------------
+
+def dynamic_temperature(logits: torch.Tensor, t: torch.Tensor, spread: torch.Tensor, exponent: torch.Tensor):
+    """Dynamic temperature (llama.cpp's ``temp_ext``, "entropy-scaled range"): with N the number of tokens
+    still possible (finite logits), H the entropy of softmax(l) and H / log N in [0, 1],
+
+        T_dyn = T_min + (T_max - T_min) * (H / log N)^exponent,  T_min = max(0, T - r), T_max = T + r
+
+    then l / T_dyn as ``temperature`` does. Rows with r = 0 use the plain ``t`` (rows with t = 0 are
+    greedy and pass through); rows with N <= 1 pass through (llama.cpp: nothing to scale). llama.cpp counts
+    its candidate list, which in its default order has already been truncated; here truncation comes after
+    temperature, so N is every token not removed by masks / bias / penalties."""
+    active = (spread > 0) & (t > 0)
+    if not bool(active.any()):
+        return temperature(logits, t)
+    finite = torch.isfinite(logits)
+    n = finite.sum(-1)
+    probs = torch.softmax(logits, -1)
+    ent = _entropy(probs, torch.log_softmax(logits, -1)).squeeze(-1)
+    norm = (ent / n.clamp(min=2).to(ent.dtype).log()).clamp(0.0, 1.0)
+    lo, hi = (t - spread).clamp(min=0.0), t + spread
+    t_dyn = lo + (hi - lo) * norm.pow(exponent)
+    # T_dyn = 0 only when the row is already one-hot (H = 0), where any positive T gives the same result
+    t_dyn = torch.where(active & (n > 1), t_dyn.clamp(min=1e-6), t)
+    return temperature(logits, t_dyn)
+
+
+def top_n_sigma(logits: torch.Tensor, n: torch.Tensor):
+    """Top-nσ (Tang et al. 2024, llama.cpp ``top_n_sigma``): keep l_i >= max_j l_j - n * sigma, sigma the
+    population standard deviation of the row's finite logits (removed tokens do not count). Scaling the row
+    scales max and sigma alike, so the kept set does not depend on the temperature. n = 0: off."""
+    active = n > 0
+    if not bool(active.any()):
+        return logits
+    finite = torch.isfinite(logits)
+    x = torch.where(finite, logits, torch.zeros_like(logits)).double()
+    count = finite.sum(-1, keepdim=True).clamp(min=1)
+    mean = x.sum(-1, keepdim=True) / count
+    var = (torch.where(finite, x - mean, torch.zeros_like(x)) ** 2).sum(-1, keepdim=True) / count
+    thresh = logits.amax(-1, keepdim=True).double() - _col(n) * var.sqrt()
+    remove = _col(active) & (logits.double() < thresh)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def xtc(logits: torch.Tensor, fire: torch.Tensor, threshold: torch.Tensor):
+    """XTC, "exclude top choices" (text-generation-webui / llama.cpp): in rows where ``fire`` is True (the
+    pipeline draws it with probability ``xtc_probability``), every token with p_i >= threshold is removed
+    EXCEPT the least probable of them -- and only when at least two tokens reach the threshold, so a row
+    keeps at least one of its good choices. Among tokens tied at that least probability all stay (llama.cpp
+    keeps one of them, whichever its sort put last)."""
+    if not bool(fire.any()):
+        return logits
+    probs = torch.softmax(logits, -1).double()
+    above = (probs >= _col(threshold)) & (probs > 0) & _col(fire)
+    least = torch.where(above, probs, torch.full_like(probs, 2.0)).amin(-1, keepdim=True)
+    remove = above & (probs > least) & (above.sum(-1, keepdim=True) >= 2)
+    return logits.masked_fill(remove, NEG_INF)

@@ -6,19 +6,26 @@ Fixed order, per step, for all rows at once (each row with its own parameters, a
     1. mask             allowed / banned token ids; EOS ids while fewer than min_tokens are generated
     2. logit bias       l += bias
     3. penalties        repetition (CTRL, x) -> frequency/presence (OpenAI, +) -> temperature penalty
-                        (seed 000, per-token temperature on the shifted logits)
+                        (seed 000, per-token temperature on the shifted logits) -> DRY -> no-repeat n-gram
+                        ban (these two read each row's token ``history``, ``history.py``)
        (+inf)           a row holding +inf logits keeps only those tokens, equally likely
        (failed)         a row with no finite logit left is marked ``failed``
-    4. temperature      l / T; T = 0 rows are greedy: one-hot at the argmax of the logits after 1-3
-                        (ties -> lowest id); truncation does not apply to them
-    5. truncation       top-k -> top-p -> min-p -> typical -> epsilon -> eta, each on the distribution
-                        the previous steps left, renormalised
+    4. temperature      l / T, or dynamic temperature (T scaled within T +- dynatemp_range by the
+                        normalised entropy); T = 0 rows are greedy: one-hot at the argmax of the logits
+                        after 1-3 (ties -> lowest id); truncation does not apply to them
+    5. truncation       top-n-sigma -> top-k -> top-p -> min-p -> typical -> epsilon -> eta -> XTC, each
+                        on the distribution the previous steps left, renormalised. XTC fires with
+                        probability xtc_probability, from the uniform hash(seed, num_generated, XTC_STREAM).
+                        Rows with Mirostat on use Mirostat INSTEAD of all of these (as llama.cpp, whose
+                        Mirostat chain is temperature -> mirostat), with their ``mirostat_mu`` state
     6. draw             inverse CDF of the final distribution at a per-request uniform
-                        u = hash(seed, num_generated) (``rng.py``): float64 cumsum + searchsorted
+                        u = hash(seed, num_generated) (``rng.py``): float64 cumsum + searchsorted;
+                        Mirostat rows then update mu from the surprise of the drawn token
 
 Stages no row needs are skipped entirely (``SamplingBatch.uses``); rows whose knob is off pass through
 a stage unchanged. Nothing loops over rows or the vocabulary in Python, except ``SamplingBatch.build``
-(once per batch composition) and the conversion of the explainer trace to Python at the end.
+(once per batch composition) and the conversion of the explainer trace to Python at the end. (DRY loops
+over match length and no-repeat-ngram over the batch's distinct n: see ``history.py``.)
 
 Cost (see ``bench_sampler``): no full sort unless unavoidable.
 * top-k: one ``torch.topk`` with the batch's largest k. When every sampled row uses top-k (k <= 4096),
@@ -43,14 +50,18 @@ from dataclasses import dataclass
 
 import torch
 
+from . import history as H
+from . import mirostat as M
 from . import processors as P
 from .params import SamplingParams
 from .rng import canonical_seed
 from .rng import uniforms as rng_uniforms
 
 NEG_INF = float("-inf")
-TRUNCATION = ("top_k", "top_p", "min_p", "typical_p", "epsilon", "eta")
-_TRUNCATION_OFF = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon": 0.0, "eta": 0.0}
+TRUNCATION = ("top_n_sigma", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "xtc_probability")
+_TRUNCATION_OFF = {"top_n_sigma": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon": 0.0,
+                   "eta": 0.0, "xtc_probability": 0.0}
+XTC_STREAM = 21  # the RNG stream of XTC's coin (0: the draw; 11-13: speculative decoding)
 
 
 @dataclass
@@ -58,7 +69,9 @@ class SamplingBatch:
     """Per-row parameters as tensors, built ONCE per batch composition (``build``).
 
     ``uses`` names the stages at least one row needs; the others are skipped. Greedy rows (T = 0) have
-    their truncation knobs set to "off" here, since truncation cannot change an argmax."""
+    their truncation knobs (and dynamic temperature, and Mirostat) set to "off" here, since they cannot
+    change an argmax. Mirostat rows have their truncation knobs and dynamic temperature off: Mirostat
+    replaces them (llama.cpp builds its Mirostat chain from plain temperature and Mirostat alone)."""
 
     temperature: torch.Tensor  # [B] float32 (0 for greedy rows)
     greedy: torch.Tensor  # [B] bool
@@ -77,6 +90,20 @@ class SamplingBatch:
     min_tokens: torch.Tensor  # [B] long
     processed_logprobs: torch.Tensor  # [B] bool: row wants logprobs of the processed distribution
     seeds: torch.Tensor  # [B] long, 63-bit
+    top_n_sigma: torch.Tensor  # [B] float64
+    xtc_probability: torch.Tensor  # [B] float64 (0 for greedy and Mirostat rows)
+    xtc_threshold: torch.Tensor  # [B] float64
+    dynatemp_range: torch.Tensor  # [B] float32
+    dynatemp_exponent: torch.Tensor  # [B] float32
+    mirostat: torch.Tensor  # [B] long: 0 off, 1, 2
+    mirostat_tau: torch.Tensor  # [B] float64
+    mirostat_eta: torch.Tensor  # [B] float64
+    dry_multiplier: torch.Tensor  # [B] float64
+    dry_base: torch.Tensor  # [B] float64
+    dry_allowed_length: torch.Tensor  # [B] long
+    dry_penalty_last_n: torch.Tensor  # [B] long
+    no_repeat_ngram_size: torch.Tensor  # [B] long
+    dry_breakers: torch.Tensor | None  # [B, V] bool, only when some row uses DRY with breakers
     eos_ids: torch.Tensor  # [E] long
     eos_mask: torch.Tensor  # [V] bool
     bias: torch.Tensor | None  # [B, V] float32, only when some row has a logit_bias
@@ -88,8 +115,10 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], vocab_size: int, eos_token_ids=(),
-              device="cpu") -> SamplingBatch:
-        """Tensors for rows ``params[i]`` drawing with ``seeds[i]`` (validated params assumed)."""
+              device="cpu", token_texts=None) -> SamplingBatch:
+        """Tensors for rows ``params[i]`` drawing with ``seeds[i]`` (validated params assumed).
+        ``token_texts[i]``, token i decoded alone (a list, or a ``history.TokenTexts`` that caches the look-
+        ups), resolves DRY's sequence breakers to token ids; without it DRY runs without breakers."""
         if len(seeds) != len(params):
             raise ValueError(f"{len(params)} rows of params but {len(seeds)} seeds")
         B, V = len(params), vocab_size
@@ -98,12 +127,15 @@ class SamplingBatch:
             return torch.tensor(list(values), dtype=dtype, device=device)
 
         greedy_rows = [p.temperature == 0 for p in params]
+        miro_rows = [p.mirostat != 0 and not g for p, g in zip(params, greedy_rows, strict=True)]
+        # rows where the truncation knobs act: not greedy, not replaced by Mirostat
+        trunc_rows = [not (g or m) for g, m in zip(greedy_rows, miro_rows, strict=True)]
 
-        def knob(name, dtype):  # truncation knob, off for greedy rows
-            return col((_TRUNCATION_OFF[name] if g else getattr(p, name) for p, g in zip(params, greedy_rows,
-                                                                                       strict=True)), dtype)
+        def knob(name, dtype):  # truncation knob, off for greedy and Mirostat rows
+            return col((getattr(p, name) if on else _TRUNCATION_OFF[name] for p, on in zip(params, trunc_rows,
+                                                                                         strict=True)), dtype)
 
-        bias = allowed = banned = None
+        bias = allowed = banned = breakers = None
         if any(p.logit_bias for p in params):
             rows, ids, vals = _triples((i, int(t), float(v)) for i, p in enumerate(params)
                                        for t, v in (p.logit_bias or {}).items())
@@ -120,6 +152,15 @@ class SamplingBatch:
             rows, ids, _ = _triples((i, int(t), 0) for i, p in enumerate(params)
                                     for t in p.banned_token_ids or ())
             banned[rows, ids] = True
+        dry_rows = [p.dry_multiplier > 0 and p.dry_penalty_last_n != 0 for p in params]
+        if token_texts is not None and any(on and p.dry_sequence_breakers for p, on in zip(params, dry_rows,
+                                                                                           strict=True)):
+            texts = token_texts if isinstance(token_texts, H.TokenTexts) else H.TokenTexts(token_texts)
+            breakers = torch.zeros(B, V, dtype=torch.bool, device=device)
+            for i, p in enumerate(params):
+                ids = texts.breaker_ids(tuple(p.dry_sequence_breakers)) if dry_rows[i] else ()
+                if ids:
+                    breakers[i, torch.tensor(ids, dtype=torch.long)] = True
         eos = sorted({int(t) for t in eos_token_ids})
         eos_mask = torch.zeros(V, dtype=torch.bool, device=device)
         if eos:
@@ -138,20 +179,31 @@ class SamplingBatch:
             uses.add("frequency_presence")
         if any(p.temperature_frequency_penalty or p.temperature_presence_penalty for p in params):
             uses.add("temperature_penalty")
+        if any(dry_rows):
+            uses.add("dry")
+        if any(p.no_repeat_ngram_size > 0 for p in params):
+            uses.add("no_repeat_ngram")
         if any(greedy_rows):
             uses.add("greedy")
         if any(p.temperature not in (0, 1) for p in params):
             uses.add("temperature")
-        active = {"top_k": lambda p: 0 < p.top_k < V}  # top_k >= V keeps everything: off too
+        dynatemp = [p.dynatemp_range if on else 0.0 for p, on in zip(params, trunc_rows, strict=True)]
+        if any(dynatemp):
+            uses.add("dynatemp")
+        if any(miro_rows):
+            uses.add("mirostat")
+        active = {"top_k": lambda p: 0 < p.top_k < V,  # top_k >= V keeps everything: off too
+                  "xtc_probability": lambda p: p.xtc_probability > 0 and p.xtc_threshold <= 0.5}
         for name in TRUNCATION:
             on = active.get(name, lambda p, name=name: getattr(p, name) != _TRUNCATION_OFF[name])
-            if any(on(p) and not g for p, g in zip(params, greedy_rows, strict=True)):
+            if any(on(p) and t for p, t in zip(params, trunc_rows, strict=True)):
                 uses.add(name)
 
         # The compact path (see _pipeline): every row that samples uses top-k, and the largest k is small.
-        sampled_k = [p.top_k for p, g in zip(params, greedy_rows, strict=True) if not g]
+        # Dynamic temperature needs the entropy of the whole row, so it rules the compact path out.
+        sampled_k = [p.top_k if t else 0 for p, g, t in zip(params, greedy_rows, trunc_rows, strict=True) if not g]
         compact_k = max(sampled_k) if sampled_k and all(0 < k < V for k in sampled_k) else 0
-        if compact_k > P.PREFIX_GUESSES[-1]:
+        if compact_k > P.PREFIX_GUESSES[-1] or "dynatemp" in uses:
             compact_k = 0
 
         f32, f64 = torch.float32, torch.float64
@@ -169,6 +221,19 @@ class SamplingBatch:
             min_tokens=col((p.min_tokens for p in params), torch.long),
             processed_logprobs=col((p.logprobs_mode == "processed" for p in params), torch.bool),
             seeds=col((canonical_seed(s) for s in seeds), torch.long),
+            top_n_sigma=knob("top_n_sigma", f64), xtc_probability=knob("xtc_probability", f64),
+            xtc_threshold=col((p.xtc_threshold for p in params), f64),
+            dynatemp_range=col(dynatemp, f32), dynatemp_exponent=col((p.dynatemp_exponent for p in params), f32),
+            mirostat=col((p.mirostat if m else 0 for p, m in zip(params, miro_rows, strict=True)), torch.long),
+            mirostat_tau=col((p.mirostat_tau for p in params), f64),
+            mirostat_eta=col((p.mirostat_eta for p in params), f64),
+            dry_multiplier=col((p.dry_multiplier if on else 0.0 for p, on in zip(params, dry_rows, strict=True)),
+                               f64),
+            dry_base=col((p.dry_base for p in params), f64),
+            dry_allowed_length=col((p.dry_allowed_length for p in params), torch.long),
+            dry_penalty_last_n=col((p.dry_penalty_last_n for p in params), torch.long),
+            no_repeat_ngram_size=col((p.no_repeat_ngram_size for p in params), torch.long),
+            dry_breakers=breakers,
             eos_ids=col(eos, torch.long), eos_mask=eos_mask,
             bias=bias, allowed=allowed, banned=banned, uses=frozenset(uses), vocab_size=V,
             compact_k=compact_k,
@@ -198,6 +263,7 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None  # [B, N] float32
     failed: torch.Tensor  # [B] bool: no token was left (or the logits were all NaN / -inf)
     trace: list[list[dict]] | None = None  # per row: stage dicts, then the final dict
+    mirostat_mu: torch.Tensor | None = None  # [B] float64: Mirostat's mu after this token (None: unused)
 
 
 class _Tracer:
@@ -244,6 +310,7 @@ class _Final:
     failed: torch.Tensor  # [B] bool
     any_failed: bool
     vocab_size: int
+    mirostat_mu: torch.Tensor | None = None  # [B] the mu Mirostat rows truncated with (None: no such row)
 
     def logprobs(self) -> torch.Tensor:
         """[B, V] normalised log-probabilities (what ``process`` returns)."""
@@ -258,7 +325,7 @@ class _Final:
 
 
 def _pipeline(logits: torch.Tensor, b: SamplingBatch, output_counts, prompt_counts, num_generated,
-              tracer: _Tracer, want_raw: bool = True):
+              tracer: _Tracer, want_raw: bool = True, history=None, mirostat_mu=None):
     """Steps 0-5. Returns (final distribution, raw log-probabilities [B, V] or None, failed [B])."""
     if logits.dim() != 2 or logits.shape[0] != len(b):
         raise ValueError(f"logits must be [B={len(b)}, V], got {tuple(logits.shape)}")
@@ -298,6 +365,12 @@ def _pipeline(logits: torch.Tensor, b: SamplingBatch, output_counts, prompt_coun
         if "temperature_penalty" in u:
             stage("temp_penalty", lambda v: P.temperature_penalty(
                 v, counts, b.temperature_frequency_penalty, b.temperature_presence_penalty))
+    if history is not None:  # without a history nothing has been repeated yet
+        if "dry" in u:
+            stage("dry", lambda v: H.dry(v, history, b.dry_breakers, b.dry_multiplier, b.dry_base,
+                                         b.dry_allowed_length, b.dry_penalty_last_n))
+        if "no_repeat_ngram" in u:
+            stage("no_repeat_ngram", lambda v: H.no_repeat_ngram(v, history, b.no_repeat_ngram_size))
 
     row_max = x.amax(-1)
     failed = torch.isneginf(row_max)  # NaN is gone, so max = -inf <=> no finite logit left
@@ -314,6 +387,10 @@ def _pipeline(logits: torch.Tensor, b: SamplingBatch, output_counts, prompt_coun
     if K:
         # Compact path: top-k first (it commutes with temperature), then everything else on [B, K] columns
         # put back in token-id order, so that a uniform picks the same token as over the whole row.
+        # Top-n-sigma needs the whole row's sigma; its kept set is a prefix of the sorted order that does
+        # not depend on the temperature, so applying it before top-k gives the same result.
+        if "top_n_sigma" in u:
+            x = P.top_n_sigma(x, b.top_n_sigma)
         vals, cand = x.topk(K + 1, dim=-1)  # K < V
         k = torch.where(b.greedy, torch.full_like(b.top_k, K), b.top_k).unsqueeze(-1)
         kth, nxt = vals.gather(-1, k - 1), vals.gather(-1, k)
@@ -325,13 +402,23 @@ def _pipeline(logits: torch.Tensor, b: SamplingBatch, output_counts, prompt_coun
             vals = vals.masked_fill(beyond & ~b.greedy.unsqueeze(-1), NEG_INF)
             ids, perm = cand.sort(-1)
             x = vals.gather(-1, perm)
-    if "temperature" in u:
+    if "dynatemp" in u:
+        stage("temperature", lambda v: P.dynamic_temperature(v, b.temperature, b.dynatemp_range,
+                                                             b.dynatemp_exponent))
+    elif "temperature" in u:
         stage("temperature", lambda v: P.temperature(v, b.temperature))
-    for name, fn in (("top_k", P.top_k), ("top_p", P.top_p), ("min_p", P.min_p), ("typical_p", P.typical),
-                     ("epsilon", P.epsilon), ("eta", P.eta)):
-        if name in u and not (name == "top_k" and ids is not None):
+    for name, fn in (("top_n_sigma", P.top_n_sigma), ("top_k", P.top_k), ("top_p", P.top_p), ("min_p", P.min_p),
+                     ("typical_p", P.typical), ("epsilon", P.epsilon), ("eta", P.eta)):
+        if name in u and not (name in ("top_k", "top_n_sigma") and ids is not None):
             param = getattr(b, name)
             stage(name, lambda v, fn=fn, param=param: fn(v, param))
+    if "xtc_probability" in u:
+        fire = rng_uniforms(b.seeds, num_generated, stream=XTC_STREAM) < b.xtc_probability
+        stage("xtc", lambda v: P.xtc(v, fire, b.xtc_threshold))
+    mu = None
+    if "mirostat" in u:
+        mu = M.initial_mu(b.mirostat_tau) if mirostat_mu is None else mirostat_mu.double()
+        stage("mirostat", lambda v: M.mirostat(v, b.mirostat, mu, V))
     if argmax is not None:
         g = b.greedy.unsqueeze(-1)
         if ids is None:
@@ -343,7 +430,7 @@ def _pipeline(logits: torch.Tensor, b: SamplingBatch, output_counts, prompt_coun
             ids = torch.where(g, argmax.unsqueeze(-1).expand_as(ids), ids)
             x = torch.where(g, _onehot(x, torch.zeros_like(argmax)), x)
 
-    return _Final(x, ids, failed, any_failed, V), raw, failed
+    return _Final(x, ids, failed, any_failed, V, mu), raw, failed
 
 
 def _onehot(like: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -353,12 +440,15 @@ def _onehot(like: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
 
 def process(logits: torch.Tensor, batch: SamplingBatch, output_counts: torch.Tensor | None = None,
             prompt_counts: torch.Tensor | None = None,
-            num_generated: torch.Tensor | None = None) -> torch.Tensor:
+            num_generated: torch.Tensor | None = None, history: torch.Tensor | None = None,
+            mirostat_mu: torch.Tensor | None = None) -> torch.Tensor:
     """The final normalised log-probabilities ``[B, V]`` the pipeline samples from: -inf where removed,
     greedy rows one-hot at their argmax (0 there), failed rows all -inf. Used by speculative decoding,
-    beam search and the distribution views; ``draw(process(...), u)`` is what ``sample`` does."""
+    beam search and the distribution views; ``draw(process(...), u)`` is what ``sample`` does (XTC's coin
+    is a function of (seed, num_generated) too, so both see the same one). ``history`` and
+    ``mirostat_mu`` as in ``sample``."""
     final, _, _ = _pipeline(logits, batch, output_counts, prompt_counts, num_generated, _Tracer(False),
-                            want_raw=False)
+                            want_raw=False, history=history, mirostat_mu=mirostat_mu)
     return final.logprobs()
 
 
@@ -399,18 +489,23 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, batch: SamplingBatch, *, output_counts: torch.Tensor | None = None,
            prompt_counts: torch.Tensor | None = None, num_generated: torch.Tensor | None = None,
            num_logprobs: int = 0, explain: bool = False,
-           uniforms: torch.Tensor | None = None) -> SamplerOutput:
+           uniforms: torch.Tensor | None = None, history: torch.Tensor | None = None,
+           mirostat_mu: torch.Tensor | None = None) -> SamplerOutput:
     """Run the pipeline on ``logits [B, V]`` and draw one token per row.
 
     ``output_counts`` / ``prompt_counts`` ``[B, V]`` (integers) count each row's generated / prompt tokens
     (penalties); ``num_generated`` ``[B]`` is the number of tokens each row generated so far (min_tokens,
     and the RNG counter). ``uniforms`` overrides the per-row uniforms (tests, drivers with own streams).
-    ``num_logprobs``: N top alternatives per row in its logprobs mode. ``explain``: per-stage trace."""
+    ``num_logprobs``: N top alternatives per row in its logprobs mode. ``explain``: per-stage trace.
+    ``history`` ``[B, T]`` long: each row's prompt + generated tokens from column 0, padded with -1 (DRY and
+    no_repeat_ngram_size; without it they see nothing repeated). ``mirostat_mu`` ``[B]``: each Mirostat
+    row's state (None: the initial 2 tau); the updated state is ``SamplerOutput.mirostat_mu``."""
     B, V = logits.shape
     if num_generated is None:
         num_generated = torch.zeros(B, dtype=torch.long, device=logits.device)
     tracer = _Tracer(explain)
-    final, raw, failed = _pipeline(logits, batch, output_counts, prompt_counts, num_generated, tracer)
+    final, raw, failed = _pipeline(logits, batch, output_counts, prompt_counts, num_generated, tracer,
+                                   history=history, mirostat_mu=mirostat_mu)
     u = uniforms if uniforms is not None else rng_uniforms(batch.seeds, num_generated)
     probs = torch.softmax(final.x, -1)  # final.x has no NaN / +inf, and a finite entry in every row
     cols = _draw(probs, u)
@@ -436,9 +531,13 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, *, output_counts: torch.T
                 (r_v, r_i), m = raw.topk(n, -1), mode.unsqueeze(-1)
                 top_ids, top_lps = torch.where(m, p_i, r_i), torch.where(m, p_v, r_v)
     trace = _trace(tracer, final.logprobs(), tokens) if explain else None
+    mu = mirostat_mu
+    if final.mirostat_mu is not None:  # the surprise of the drawn token, in the distribution it came from
+        mu = M.update_mu(final.mirostat_mu, proc_lp, batch.mirostat_tau, batch.mirostat_eta,
+                         (batch.mirostat > 0) & ~failed)
     return SamplerOutput(tokens=tokens, logprobs=torch.where(mode, proc_lp, raw_lp), raw_logprobs=raw_lp,
                          processed_logprobs=proc_lp, top_ids=top_ids, top_logprobs=top_lps, failed=failed,
-                         trace=trace)
+                         trace=trace, mirostat_mu=mu)
 
 
 def _trace(tracer: _Tracer, final: torch.Tensor, tokens: torch.Tensor) -> list[list[dict]]:

@@ -42,9 +42,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..decoding.cli_ext import DriverOptions, generate_with_driver
 from ..engine import Completion, GenerationResult
-from ..openai_format import completion_logprobs, completion_response
+from ..openai_format import TextOffsets, chat_logprobs, completion_response, logprobs_chunk, prompt_offsets
 from ..sampling import ParamError, SamplingParams
-from . import schemas
+from . import conformance, schemas
 from .distribution import next_token_distribution
 from .metrics import Metrics
 from .runner import QueueFull, Runner
@@ -419,11 +419,50 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         except (UnicodeError, TypeError, ValueError, OverflowError) as e:
             raise ParamError(field, f"cannot be tokenized: {e}") from None
 
-    async def run_drivers(prompts: list, params: SamplingParams, opts: DriverOptions, rf, t0: float):
-        """Every prompt through ``generate_with_driver`` on the runner thread: [(GenerationResult, extra)]."""
+    async def run_beams(request: Request, ids: list, params: SamplingParams, opts: DriverOptions, spec, rf,
+                        t0: float):
+        """Beam searches as modes of the scheduler: submitted like any request (batched with the running
+        ones, so nobody's stream pauses), decided together; [(GenerationResult, extra)]."""
+        from ..decoding.cli_ext import beam_completion, beam_group
+
+        constraint = await compile_spec(spec, rf) if spec is not None else None
+        with _driver_errors(rf):
+            groups = [beam_group(engine, i, params, opts, constraint) for i in ids]
+            for g in groups:
+                engine.scheduler.check_fits(len(g.prompt_ids), params.max_tokens)
+        stream = _Stream(asyncio.get_running_loop())
+        requests = [r for g in groups for r in g.requests]
+        try:
+            runner.submit(requests, stream.sink)
+        except QueueFull as e:
+            raise APIError(429, str(e), type_="rate_limit_error", code="queue_full") from None
+        with _driver_errors(rf):
+            try:
+                async for _ in events(request, stream, requests, t0, poll=True):
+                    pass
+            except (_ClientGone, asyncio.CancelledError):
+                abort(requests)
+                raise
+            failure = internal_failure(requests)
+            if failure is not None:
+                raise failure
+            if any(r.finish_reason == "error" for r in requests):
+                raise ParamError("beam_width", next(r.error for r in requests if r.error) or "beam search failed")
+            out = await asyncio.wrap_future(runner.call(
+                lambda: [beam_completion(engine, i, params, opts, g) for i, g in zip(ids, groups, strict=True)]))
+        metrics.record_tokens(prompt=sum(len(i) for i in ids),
+                              generated=sum(len(c.token_ids) for r, _ in out for c in r.choices))
+        return out
+
+    async def run_drivers(prompts: list, params: SamplingParams, opts: DriverOptions, rf, t0: float,
+                          request: Request | None = None, spec=None):
+        """Every prompt through ``generate_with_driver`` on the runner thread: [(GenerationResult, extra)].
+        Beam search runs in the scheduler instead (``run_beams``)."""
         if not prompts:
             raise ParamError("prompt", "must not be empty")
         ids = [encode(p) for p in prompts]
+        if opts.beam_width is not None and request is not None:
+            return await run_beams(request, ids, params, opts, spec, rf, t0)
 
         def work():
             return [generate_with_driver(engine, i, params, opts) for i in ids]
@@ -442,6 +481,25 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             extra["constraint"] = spec.kind
         return extra
 
+    # ---- OpenAI / vLLM conformance (conformance.py): prompt_logprobs, driver logprobs, usage chunks ----
+    async def prompt_lps(k: int | None, ids_list: list) -> list | None:
+        if k is None:
+            return None
+        fut = runner.call(lambda: [conformance.prompt_logprobs(engine, ids, k) for ids in ids_list])
+        return await asyncio.wrap_future(fut)
+
+    async def with_logprobs(results: list, k: int | None, echo: bool, prompt_k: int | None) -> list | None:
+        """A driver's results get the token-by-token path's logprobs (and prompt_logprobs, returned)."""
+        if k is not None:
+            await asyncio.wrap_future(runner.call(
+                lambda: [conformance.fill_logprobs(engine, r, k, echo) for r in results]))
+        return await prompt_lps(prompt_k, [r.prompt_ids for r in results])
+
+    def conform(gen, body, prompt_tokens: list[int], n: int, plp, chat: bool = False, totals=None):
+        so = body.stream_options
+        return conformance.conform_stream(gen, sse, prompt_tokens=prompt_tokens, n=n, chat=chat, totals=totals,
+                                          continuous=bool(so and so.continuous_usage_stats), prompt_lps=plp)
+
     # ---- routes: completions -----------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -449,28 +507,50 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         auth(request)
         body = await read_body(request, schemas.CompletionRequest)
         model = check_model(body.model)
+        conformance.check_request(body)
         prompts = _prompts(body.prompt)
         want_lp = body.logprobs is not None
-        params = sampling_params(body, max_tokens=body.max_tokens if body.max_tokens is not None else 16,
+        prompt_only = body.max_tokens == 0  # OpenAI's legacy scoring request: echo + logprobs, no new token
+        params = sampling_params(body, max_tokens=1 if prompt_only else body.max_tokens or 16,
                                  logprobs=body.logprobs, echo=body.echo)
+        if prompt_only:
+            texts, ids_list = [prompt_text(p) for p in prompts], [g[0].prompt_ids for g in make_groups(prompts, params)]
+            results = await asyncio.wrap_future(runner.call(lambda: conformance.prompt_only_results(
+                engine, texts, ids_list, params.n, body.logprobs, bool(body.echo))))
+            plp = await prompt_lps(body.prompt_logprobs, ids_list)
+            resp = completion_response(tok, model, results, echo=bool(body.echo), logprobs=want_lp)
+            if plp is not None:
+                conformance.add_prompt_logprobs(resp, plp, params.n)
+            if body.stream:
+                return _sse_response(conform(replay_completion(resp, _include_usage(body)), body,
+                                             [len(i) for i in ids_list], params.n, None, totals=resp["usage"]))
+            return _json(resp)
         opts, spec = driver_options(body)
         constraint = None
         if opts is not None and not is_streamable(opts):
-            out = await run_drivers(prompts, params, opts, None, t0)
-            resp = completion_response(tok, model, [r for r, _ in out], echo=bool(body.echo), logprobs=want_lp,
+            out = await run_drivers(prompts, params, opts, None, t0, request, spec)
+            results = [r for r, _ in out]
+            plp = await with_logprobs(results, body.logprobs, bool(body.echo), body.prompt_logprobs)
+            resp = completion_response(tok, model, results, echo=bool(body.echo), logprobs=want_lp,
                                        extra=merged_extra(out, spec))
+            n_out = len(results[0].choices) if results else 1
+            if plp is not None:
+                conformance.add_prompt_logprobs(resp, plp, n_out)
             if body.stream:
-                return _sse_response(replay_completion(resp, _include_usage(body)))
+                return _sse_response(conform(replay_completion(resp, _include_usage(body)), body,
+                                             [len(r.prompt_ids) for r in results], n_out, None, totals=resp["usage"]))
             return _json(resp)
         if spec is not None:
             constraint = await compile_spec(spec, None)
         groups = make_groups(prompts, params, constraint)
+        plp = await prompt_lps(body.prompt_logprobs, [g[0].prompt_ids for g in groups])
         stream, requests = submit(groups)
         n = params.n
         texts = [prompt_text(p) for p in prompts]
         if body.stream:
-            return _sse_response(stream_completions(request, stream, requests, groups, texts, model, n,
-                                                    bool(body.echo), want_lp, _include_usage(body), t0))
+            return _sse_response(conform(stream_completions(request, stream, requests, groups, texts, model, n,
+                                                            bool(body.echo), want_lp, _include_usage(body), t0),
+                                         body, [len(g[0].prompt_ids) for g in groups], n, plp))
         try:
             await collect(request, stream, requests, t0)
         except _ClientGone:
@@ -479,8 +559,9 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             raise err
         results = [GenerationResult(text, g[0].prompt_ids, [_completion(r) for r in g])
                    for text, g in zip(texts, groups, strict=True)]
-        return _json(completion_response(tok, model, results, echo=bool(body.echo), logprobs=want_lp,
-                                         extra={"constraint": spec.kind} if spec is not None else None))
+        resp = completion_response(tok, model, results, echo=bool(body.echo), logprobs=want_lp,
+                                   extra={"constraint": spec.kind} if spec is not None else None)
+        return _json(conformance.add_prompt_logprobs(resp, plp, n) if plp is not None else resp)
 
     async def replay_completion(resp: dict, include_usage: bool):
         """A finished (driver) completion as SSE: one chunk per choice, one with the extra fields."""
@@ -516,7 +597,9 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
                                  include_usage, t0):
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         where = {r.id: (gi, gi * n + r.index) for gi, g in enumerate(groups) for r in g}
-        offsets = {r.id: (len(texts[where[r.id][0]]) if echo else 0) for r in requests}
+        # text_offset from the tokens, not from the text sent so far (held back while a stop string may
+        # be starting), so the streamed offsets are the non-streamed ones
+        offsets = {r.id: TextOffsets(tok, len(texts[where[r.id][0]]) if echo else 0) for r in requests}
         started: set[int] = set()
 
         def chunk(choice: dict) -> str:
@@ -533,8 +616,8 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
                 if echo and r.id not in started:
                     lp = None
                     if want_lp:
-                        c = Completion(r.index, "", [], "", [], [], r.prompt_logprobs, r.prompt_top_logprobs)
-                        lp = completion_logprobs(tok, c, r.prompt_ids)
+                        lp = logprobs_chunk(tok, r.prompt_ids, r.prompt_logprobs or [None] * len(r.prompt_ids),
+                                            r.prompt_top_logprobs, prompt_offsets(tok, r.prompt_ids, texts[gi]))
                     yield chunk({"index": index, "text": texts[gi], "logprobs": lp, "finish_reason": None})
                 started.add(r.id)
                 choice = {"index": index, "text": ev.text, "logprobs": None,
@@ -542,10 +625,8 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
                 if ev.token_id is not None:
                     choice["token_ids"] = [ev.token_id]
                     if want_lp:
-                        c = Completion(r.index, ev.text, [ev.token_id], "", [ev.logprob],
-                                       [ev.top_logprobs] if ev.top_logprobs is not None else None)
-                        choice["logprobs"] = completion_logprobs(tok, c, text_start=offsets[r.id])
-                offsets[r.id] += len(ev.text)
+                        choice["logprobs"] = logprobs_chunk(tok, [ev.token_id], [ev.logprob], [ev.top_logprobs],
+                                                            [offsets[r.id].next(ev.token_id)])
                 yield chunk(with_trace_and_error(choice, ev, trace))
             head = {"id": cid, "object": "text_completion", "created": created, "model": model}
             for line in stream_end(requests, groups, head, include_usage):
@@ -560,8 +641,9 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         auth(request)
         body = await read_body(request, schemas.ChatRequest)
         model = check_model(body.model)
+        conformance.check_request(body)
         try:
-            prompt = engine.chat_prompt([m.as_dict() for m in body.messages])
+            prompt = engine.chat_prompt_ids([m.as_dict() for m in body.messages])  # content as text
         except Exception as e:  # the template may raise on a conversation it does not support
             raise APIError(400, f"messages: the chat template cannot render them: {e}", param="messages",
                            code="invalid_value") from None
@@ -582,13 +664,15 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         opts, spec = driver_options(body)
         constraint = None
         if opts is not None and not is_streamable(opts):
-            if body.top_logprobs:
-                raise ParamError("top_logprobs", "is not available with beam_width, contrastive, speculative or "
-                                                 "guided_choice (logprobs=true alone is)")
-            out = await run_drivers([prompt], params, opts, rf, t0)
+            out = await run_drivers([prompt], params, opts, rf, t0, request, spec)
+            plp = await with_logprobs([out[0][0]], lp, False, body.prompt_logprobs)
             resp = driver_chat_response(out[0][0], model, bool(body.logprobs), merged_extra(out, spec))
+            if plp is not None:
+                conformance.add_prompt_logprobs(resp, plp, 1, chat=True)
             if body.stream:
-                return _sse_response(replay_chat(resp, _include_usage(body)))
+                return _sse_response(conform(replay_chat(resp, _include_usage(body)), body,
+                                             [len(out[0][0].prompt_ids)], params.n, None, chat=True,
+                                             totals=resp["usage"]))
             return _json(resp)
         if spec is not None:
             constraint = await compile_spec(spec, rf)
@@ -598,10 +682,12 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             if getattr(e, "field", None) == "logprobs":
                 raise APIError(400, str(e), param="top_logprobs", code="invalid_value") from None
             raise
+        plp = await prompt_lps(body.prompt_logprobs, [groups[0][0].prompt_ids])
         stream, requests = submit(groups)
         if body.stream:
-            return _sse_response(stream_chat(request, stream, requests, groups, model, bool(body.logprobs),
-                                             _include_usage(body), t0))
+            return _sse_response(conform(stream_chat(request, stream, requests, groups, model, bool(body.logprobs),
+                                                     _include_usage(body), t0),
+                                         body, [len(groups[0][0].prompt_ids)], params.n, plp, chat=True))
         try:
             await collect(request, stream, requests, t0)
         except _ClientGone:
@@ -623,6 +709,8 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
                 "created": int(time.time()), "model": model, "choices": choices, "usage": usage(groups)}
         if spec is not None:
             resp["constraint"] = spec.kind
+        if plp is not None:
+            conformance.add_prompt_logprobs(resp, plp, 1, chat=True)
         return _json(resp)
 
     def driver_chat_response(res: GenerationResult, model: str, want_lp: bool, extra: dict) -> dict:
@@ -719,17 +807,17 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         if body.messages is not None:
             if not body.messages:
                 raise ParamError("messages", "must not be empty")
-            try:
-                text = engine.chat_prompt([m.as_dict() for m in body.messages])
+            try:  # as the chat route encodes them: message content as text
+                ids = tok.encode_chat([m.as_dict() for m in body.messages],
+                                      add_special_tokens=body.add_special_tokens)
             except Exception as e:
                 raise APIError(400, f"messages: the chat template cannot render them: {e}", param="messages",
                                code="invalid_value") from None
         else:
-            text = body.prompt
-        try:
-            ids = tok.encode(text, add_special_tokens=body.add_special_tokens)
-        except (UnicodeError, TypeError, ValueError) as e:
-            raise ParamError("prompt", f"cannot be tokenized: {e}") from None
+            try:
+                ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            except (UnicodeError, TypeError, ValueError) as e:
+                raise ParamError("prompt", f"cannot be tokenized: {e}") from None
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_len,
                 "token_strs": [tok.decode([i]) for i in ids]}
 
@@ -789,6 +877,14 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         result = await asyncio.wrap_future(fut)
         result["model"] = served[0]
         return _json(result)
+
+    conformance.register(app, engine, auth=auth)  # GET /tokenizer_info
+    from .views import register as register_views  # the playground's pipeline, tree, lens and sequence views
+    register_views(app, engine, runner, auth=auth, read_body=read_body, check_model=check_model)
+
+    from .game_route import add_game_route  # POST /v1/game: the summarization game (game_route.py)
+
+    add_game_route(app, engine, runner, auth, read_body, check_model, _json)
 
     @app.get("/")
     async def playground():
@@ -866,13 +962,16 @@ def _prompts(prompt) -> list:
     return list(prompt)
 
 
+# A token id as JSON object keys spell it: int() would also take "1_000", " 12", "+5", "007" and "٣"
+_TOKEN_ID_KEY = re.compile(r"0|-?[1-9][0-9]{0,18}")
+
+
 def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
     out = {}
     for k, v in bias.items():
-        try:
-            tid = int(k)
-        except ValueError:
-            raise ParamError("logit_bias", f"keys must be token ids (integers), got {k!r}") from None
+        if not _TOKEN_ID_KEY.fullmatch(k):
+            raise ParamError("logit_bias", f"keys must be token ids written as plain integers, got {k[:40]!r}")
+        tid = int(k)
         if not math.isfinite(v):
             raise ParamError("logit_bias", f"bias for token {tid} must be a finite number")
         out[tid] = v
@@ -891,11 +990,4 @@ def _completion(r) -> Completion:
 
 def _chat_logprobs(tok, ids, lps, tops) -> list[dict]:
     """OpenAI chat ``logprobs.content``: one entry per token with its top alternatives."""
-    out = []
-    for i, tid in enumerate(ids):
-        s = tok.decode([tid])
-        top = tops[i] if tops and i < len(tops) and tops[i] is not None else []
-        out.append({"token": s, "logprob": lps[i], "bytes": list(s.encode("utf-8")),
-                    "top_logprobs": [{"token": (t := tok.decode([a])), "logprob": b,
-                                      "bytes": list(t.encode("utf-8"))} for a, b in top]})
-    return out
+    return chat_logprobs(tok, ids, lps, tops)

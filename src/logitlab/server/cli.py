@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 import sys
 
 
@@ -33,14 +34,44 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     return s
 
 
+# Upper bounds, checked before the model is loaded: the KV cache holds max_batch x max_len positions (and
+# max_len above the model's context length is cut to it anyway); a queue or body limit past these is a typo.
+LIMITS = {"max_batch": 1024, "max_len": 1 << 20, "max_queue": 1 << 20, "max_body_bytes": 1 << 30}
+
+
 def _check(a) -> None:
     from ..sampling import ParamError
 
-    for name in ("max_batch", "max_len", "max_queue", "max_body_bytes"):
-        if getattr(a, name) < 1:
-            raise ParamError(name.replace("_", "-"), f"must be >= 1, got {getattr(a, name)}")
+    for name, hi in LIMITS.items():
+        if not 1 <= getattr(a, name) <= hi:
+            raise ParamError(name.replace("_", "-"), f"must be an integer in [1, {hi}], got {getattr(a, name)}")
     if not 0 <= a.port <= 65535:
         raise ParamError("port", f"must be in [0, 65535], got {a.port}")
+    for name in a.served_model_name or []:
+        if not name.strip():
+            raise ParamError("served-model-name", "must not be empty")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), made before the model is loaded: a port in use or a host that does not
+    resolve is one line and exit 2 within a second, not a uvicorn log after the load. uvicorn then serves on
+    this very socket (no window in which another process could take the port)."""
+    from ..sampling import ParamError
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ParamError("host", f"cannot resolve {host!r}: {getattr(e, 'strerror', None) or e}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart after a stop
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ParamError("port", f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _is_loopback(host: str) -> bool:
@@ -54,20 +85,26 @@ def _is_loopback(host: str) -> bool:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     _check(a)
-    import uvicorn
+    sock = _listen(a.host, a.port)
+    try:
+        import uvicorn
 
-    from ..engine import Engine
-    from ..weights import DEFAULT_MODEL
-    from .app import create_app
+        from ..engine import Engine
+        from ..weights import DEFAULT_MODEL
+        from .app import create_app
 
-    api_key = a.api_key or os.environ.get("LOGITLAB_API_KEY") or None
-    if not _is_loopback(a.host) and api_key is None:
-        print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use it",
+        api_key = a.api_key or os.environ.get("LOGITLAB_API_KEY") or None
+        if not _is_loopback(a.host) and api_key is None:
+            print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use it",
+                  file=sys.stderr)
+        engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, max_batch=a.max_batch, max_len=a.max_len)
+        app = create_app(engine, api_key=api_key, max_queue=a.max_queue, max_body_bytes=a.max_body_bytes,
+                         model_names=a.served_model_name)
+        port = sock.getsockname()[1]
+        print(f"logitlab: serving {engine.name} on http://{a.host}:{port}  (playground: /, API: /v1)",
               file=sys.stderr)
-    engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, max_batch=a.max_batch, max_len=a.max_len)
-    app = create_app(engine, api_key=api_key, max_queue=a.max_queue, max_body_bytes=a.max_body_bytes,
-                     model_names=a.served_model_name)
-    print(f"logitlab: serving {engine.name} on http://{a.host}:{a.port}  (playground: /, API: /v1)",
-          file=sys.stderr)
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, host=a.host, port=port, log_level=a.log_level, timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

@@ -115,4 +115,18 @@ class Metrics:
                       "# HELP logitlab_scheduler_failures_total Scheduler steps that raised (bugs).",
                       "# TYPE logitlab_scheduler_failures_total counter",
                       f"logitlab_scheduler_failures_total {runner.crashes}"]
+            cache = sched.cache
+            if cache is not None:
+                lines += ["# HELP logitlab_kv_blocks KV-cache blocks: capacity (the budget) and in use now.",
+                          "# TYPE logitlab_kv_blocks gauge",
+                          f'logitlab_kv_blocks{{state="capacity"}} {cache.capacity - 1}',
+                          f'logitlab_kv_blocks{{state="used"}} {cache.used_blocks()}',
+                          f'logitlab_kv_blocks{{state="cached"}} {cache.cached_blocks()}',
+                          "# HELP logitlab_kv_cache_bytes Bytes the KV pool holds now (it grows with use).",
+                          "# TYPE logitlab_kv_cache_bytes gauge", f"logitlab_kv_cache_bytes {cache.nbytes()}",
+                          "# HELP logitlab_prefix_cache_blocks_total Prompt blocks looked up in the prefix cache, "
+                          "and found.",
+                          "# TYPE logitlab_prefix_cache_blocks_total counter",
+                          f'logitlab_prefix_cache_blocks_total{{result="queried"}} {cache.queries}',
+                          f'logitlab_prefix_cache_blocks_total{{result="hit"}} {cache.hits}']
         return "\n".join(lines) + "\n"

@@ -79,7 +79,8 @@ class Runner:
 
     @property
     def running(self) -> int:
-        return len(self.scheduler.running)
+        """Requests being generated: rows of the batch, and the hypotheses of running beam searches."""
+        return len(self.scheduler.running) + sum(len(g.requests) for g in self.scheduler.groups)
 
     def _ensure_started(self) -> None:
         # normally started by the app's lifespan; started here too for servers that skip lifespan events
@@ -175,7 +176,20 @@ class Runner:
     def _fail_all(self, exc: Exception) -> list[TokenEvent]:
         sched = self.scheduler
         events = []
-        for r in list(sched.running) + list(sched.waiting):
+        # beam searches (waiting or running) stand for their hypotheses' requests
+        units = list(getattr(sched, "prefilling", []))
+        items = list(sched.running) + list(sched.waiting) + list(sched.groups) + [r for u in units for r in u.members]
+        flat = [r for it in items for r in (getattr(it, "requests", None) or [it])]
+        cache = getattr(sched, "cache", None)
+        for g in [it for it in items if hasattr(it, "requests")]:
+            g.abort(cache)
+        if cache is not None:  # give the failed rows' KV blocks back to the pool
+            for r in list(sched.running) + [u.leader for u in units]:
+                cache.release(r.blocks)
+        sched.groups.clear()
+        if units:
+            sched.prefilling.clear()
+        for r in flat:
             if not r.finished:
                 r.finish_reason = "error"
                 r.error = f"internal error: {type(exc).__name__}: {exc}"

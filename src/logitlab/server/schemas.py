@@ -21,6 +21,7 @@ TokenIds = list[int]
 class StreamOptions(BaseModel):
     model_config = _STRICT
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM: usage in every chunk (server/conformance.py)
 
 
 class Contrastive(BaseModel):
@@ -76,6 +77,21 @@ class _Sampling(BaseModel):
     banned_token_ids: list[int] | None = None
     logprobs_mode: Literal["raw", "processed"] | None = None
     explain: bool | None = None
+    # llama.cpp's server names (and transformers' no_repeat_ngram_size)
+    top_n_sigma: float | None = None
+    xtc_probability: float | None = None
+    xtc_threshold: float | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    mirostat: int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+    dynatemp_range: float | None = None
+    dynatemp_exponent: float | None = None
+    no_repeat_ngram_size: int | None = None
     # decoding drivers: search, structured output, contrastive and speculative decoding (see app.py)
     beam_width: int | None = None
     length_penalty: float | None = None
@@ -92,12 +108,19 @@ DRIVER_FIELDS = ("beam_width", "length_penalty", "contrastive", "speculative", "
                  "guided_choice", "guided_grammar", "response_format")
 
 
+# The samplers of llama.cpp's server (same names), in the completion and distribution requests alike.
+NEW_SAMPLERS = (
+    "top_n_sigma", "xtc_probability", "xtc_threshold", "dry_multiplier", "dry_base", "dry_allowed_length",
+    "dry_penalty_last_n", "dry_sequence_breakers", "mirostat", "mirostat_tau", "mirostat_eta", "dynatemp_range",
+    "dynatemp_exponent", "no_repeat_ngram_size",
+)
+
 # Fields passed to SamplingParams under the same name (when the client sets them).
 PASS_THROUGH = (
     "max_tokens", "temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "seed",
     "top_k", "min_p", "typical_p", "epsilon", "eta", "repetition_penalty", "temperature_frequency_penalty",
     "temperature_presence_penalty", "penalize_prompt", "min_tokens", "stop_token_ids", "ignore_eos",
-    "allowed_token_ids", "banned_token_ids", "logprobs_mode", "explain",
+    "allowed_token_ids", "banned_token_ids", "logprobs_mode", "explain", *NEW_SAMPLERS,
 )
 
 
@@ -105,6 +128,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     logprobs: int | None = None
     echo: bool | None = None
+    prompt_logprobs: int | None = None  # vLLM's: per prompt token its logprob and top k (conformance.py)
 
 
 class TextPart(BaseModel):
@@ -150,6 +174,7 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's (conformance.py)
 
 
 class TokenizeRequest(BaseModel):
@@ -191,10 +216,24 @@ class DistributionRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None
     banned_token_ids: list[int] | None = None
+    top_n_sigma: float | None = None
+    xtc_probability: float | None = None
+    xtc_threshold: float | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    mirostat: int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+    dynatemp_range: float | None = None
+    dynatemp_exponent: float | None = None
+    no_repeat_ngram_size: int | None = None
 
 
 DIST_PASS_THROUGH = (
     "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "temperature_frequency_penalty",
-    "temperature_presence_penalty", "penalize_prompt", "allowed_token_ids", "banned_token_ids",
+    "temperature_presence_penalty", "penalize_prompt", "allowed_token_ids", "banned_token_ids", *NEW_SAMPLERS,
 )

@@ -5,12 +5,18 @@ The first load parses the file with ``gguf.GGUFReader``, dequantizes every tenso
 and the IQ/TQ types the ``gguf`` package implements), undoes llama.cpp's Q/K row permutation, and
 writes the result to the cache as one safetensors file plus a JSON with the config and the tokenizer
 metadata. Later loads memory-map the safetensors and read the JSON; they never parse the GGUF.
+
+The file is untrusted input. Before gguf-py reads it, ``gguf_check`` walks its header with every count,
+length, dimension and offset bounded by the file; then the metadata is range-checked, the tensor table
+compared with the shapes the metadata implies, the tokenizer metadata checked, and only then is anything
+dequantized (and each tensor checked to be finite). Every refusal is one line: ``ValueError("model: ...")``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -20,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..model.config import ModelConfig
+from .gguf_check import check_gguf
 from .registry import cache_dir
 
 CACHE_FORMAT = 1  # bump when what is written to the cache changes
@@ -113,49 +120,149 @@ def _f32_value(x) -> float:
     return float(str(np.float32(x)))
 
 
+def _shown(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _meta_int(meta: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
+    """An integer metadata value in [lo, hi] (the bounds keep every size derived from it sane before
+    anything is allocated; the tensor shapes are checked against them afterwards)."""
+    v = meta.get(key, default)
+    if v is None:
+        raise ValueError(f"model: GGUF lacks {key}")
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"model: GGUF {key} must be an integer in [{lo}, {hi}], got {_shown(v)}")
+    return v
+
+
+def _meta_float(meta: dict, key: str, default: float, lo: float, hi: float) -> float:
+    v = meta.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not lo < v <= hi:
+        raise ValueError(f"model: GGUF {key} must be a number in ({lo:g}, {hi:g}], got {_shown(v)}")
+    return _f32_value(v)
+
+
+# Upper bounds on the model's sizes (the largest Llama-architecture GGUFs are well inside them): a
+# malformed file cannot ask for a 2^32-layer model or a 2^40-position RoPE table.
+MAX_LAYERS = 1024
+MAX_HIDDEN = 1 << 16
+MAX_FFN = 1 << 20
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_CONTEXT = 1 << 20
+MAX_VOCAB = 1 << 22
+
+
 def config_from_metadata(meta: dict, tensor_shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
     """ModelConfig from the ``llama.*`` keys. ``tensor_shapes``: GGUF tensor name -> numpy-order shape."""
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(
-            f"model: GGUF architecture {arch!r} is not supported (only 'llama': Llama, SmolLM, "
+            f"model: GGUF architecture {_shown(arch)} is not supported (only 'llama': Llama, SmolLM, "
             "Mistral-style dense decoders)"
         )
     a = "llama."
-    if int(meta.get(a + "expert_count") or 0) > 0:
+    if _meta_int(meta, a + "expert_count", 0, 1 << 16, default=0) > 0:
         raise ValueError("model: mixture-of-experts GGUFs (llama.expert_count > 0) are not supported")
     scaling = meta.get(a + "rope.scaling.type") or "none"
-    if scaling == "linear" and float(meta.get(a + "rope.scaling.factor") or 1.0) == 1.0:
+    if not isinstance(scaling, str):
+        raise ValueError(f"model: GGUF {a}rope.scaling.type must be a string, got {_shown(scaling)}")
+    if scaling == "linear" and _meta_float(meta, a + "rope.scaling.factor", 1.0, 0.0, 1e6) == 1.0:
         scaling = "none"
     if scaling != "none" or "rope_freqs.weight" in tensor_shapes:
         raise ValueError(
-            f"model: RoPE scaling ({scaling if scaling != 'none' else 'rope_freqs'}) is not supported"
+            f"model: RoPE scaling ({_shown(scaling) if scaling != 'none' else 'rope_freqs'}) is not supported"
         )
-    heads = int(meta[a + "attention.head_count"])
-    hidden = int(meta[a + "embedding_length"])
-    head_dim = int(meta.get(a + "attention.key_length") or hidden // heads)
-    if int(meta.get(a + "attention.value_length") or head_dim) != head_dim:
+    heads = _meta_int(meta, a + "attention.head_count", 1, MAX_HEADS)
+    kv_heads = _meta_int(meta, a + "attention.head_count_kv", 1, heads, default=heads)
+    if heads % kv_heads:
+        raise ValueError(f"model: GGUF {a}attention.head_count ({heads}) is not a multiple of "
+                         f"{a}attention.head_count_kv ({kv_heads})")
+    hidden = _meta_int(meta, a + "embedding_length", 1, MAX_HIDDEN)
+    if a + "attention.key_length" not in meta and hidden % heads:
+        raise ValueError(f"model: GGUF {a}embedding_length ({hidden}) is not a multiple of "
+                         f"{a}attention.head_count ({heads})")
+    head_dim = _meta_int(meta, a + "attention.key_length", 1, MAX_HEAD_DIM, default=hidden // heads)
+    if head_dim % 2:
+        raise ValueError(f"model: the attention head size must be even for RoPE, got {head_dim}")
+    if _meta_int(meta, a + "attention.value_length", 1, MAX_HEAD_DIM, default=head_dim) != head_dim:
         raise ValueError("model: different key and value head sizes are not supported")
-    vocab = (
-        len(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta else int(meta[a + "vocab_size"])
-    )
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list):
+        vocab = len(tokens)
+    else:
+        vocab = _meta_int(meta, a + "vocab_size", 1, MAX_VOCAB)
     embd = tensor_shapes.get("token_embd.weight")
+    if embd is not None and len(embd) != 2:
+        raise ValueError(f"model: GGUF tensor token_embd.weight has shape {list(embd)}, not [vocab, hidden]")
     if embd is not None and embd[0] != vocab:
+        if embd[0] < vocab:
+            raise ValueError(f"model: the GGUF's token list has {vocab} tokens but token_embd.weight only "
+                             f"{embd[0]} rows")
         vocab = int(embd[0])  # embedding padded past the token list: the model's size is what matters
+    if not 1 <= vocab <= MAX_VOCAB:
+        raise ValueError(f"model: vocabulary size {vocab} is not in [1, {MAX_VOCAB}]")
     return ModelConfig(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(meta[a + "feed_forward_length"]),
-        num_layers=int(meta[a + "block_count"]),
+        intermediate_size=_meta_int(meta, a + "feed_forward_length", 1, MAX_FFN),
+        num_layers=_meta_int(meta, a + "block_count", 1, MAX_LAYERS),
         num_heads=heads,
-        num_kv_heads=int(meta.get(a + "attention.head_count_kv") or heads),
+        num_kv_heads=kv_heads,
         head_dim=head_dim,
-        context_length=int(meta.get(a + "context_length") or 2048),
-        rms_norm_eps=_f32_value(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=_f32_value(meta.get(a + "rope.freq_base", 10000.0)),
+        context_length=_meta_int(meta, a + "context_length", 1, MAX_CONTEXT, default=2048),
+        rms_norm_eps=_meta_float(meta, a + "attention.layer_norm_rms_epsilon", 1e-5, 0.0, 1.0),
+        rope_theta=_meta_float(meta, a + "rope.freq_base", 10000.0, 0.0, 1e12),
         tie_word_embeddings="output.weight" not in tensor_shapes,
         architecture="llama",
     )
+
+
+def gguf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> the numpy-order shape a Llama of ``config`` has for it."""
+    c, f, d = config.hidden_size, config.intermediate_size, config.head_dim
+    shapes = {"token_embd.weight": (config.vocab_size, c), "output_norm.weight": (c,)}
+    if not config.tie_word_embeddings:
+        shapes["output.weight"] = (config.vocab_size, c)
+    for i in range(config.num_layers):
+        shapes |= {
+            f"blk.{i}.attn_norm.weight": (c,), f"blk.{i}.ffn_norm.weight": (c,),
+            f"blk.{i}.attn_q.weight": (config.num_heads * d, c),
+            f"blk.{i}.attn_k.weight": (config.num_kv_heads * d, c),
+            f"blk.{i}.attn_v.weight": (config.num_kv_heads * d, c),
+            f"blk.{i}.attn_output.weight": (c, config.num_heads * d),
+            f"blk.{i}.ffn_gate.weight": (f, c), f"blk.{i}.ffn_up.weight": (f, c),
+            f"blk.{i}.ffn_down.weight": (c, f),
+        }
+    return shapes
+
+
+def _listed(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+
+def check_tensor_table(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor a Llama of ``config`` needs is there with its shape, and nothing else is: checked on
+    the tensor table alone, before anything is dequantized or a model is built from the config."""
+    unknown = [n for n in shapes if hf_name(n) is None]
+    if unknown:
+        raise ValueError(f"model: GGUF has tensors a Llama does not use: {_listed(unknown)}")
+    if config.num_layers > len(shapes):
+        raise ValueError(f"model: GGUF llama.block_count is {config.num_layers} but the file has only "
+                         f"{len(shapes)} tensors")
+    want = gguf_shapes(config)
+    extra = shapes.keys() - want.keys()
+    if extra:
+        raise ValueError(f"model: GGUF has tensors beyond llama.block_count={config.num_layers}: {_listed(extra)}")
+    missing = want.keys() - shapes.keys()
+    if missing:
+        raise ValueError(f"model: GGUF lacks tensors: {_listed(hf_name(n) for n in missing)}")
+    for name, shape in want.items():
+        if tuple(shapes[name]) != shape:
+            raise ValueError(f"model: GGUF tensor {name} has shape {list(shapes[name])}, but the metadata "
+                             f"(embedding_length, feed_forward_length, head counts) implies {list(shape)}")
 
 
 def expected_names(config: ModelConfig) -> set[str]:
@@ -182,46 +289,85 @@ def dequantize(data: np.ndarray, qtype, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(w, dtype=np.float32).reshape(shape)
 
 
+def _supported(qtype) -> bool:
+    import gguf
+
+    t = gguf.GGMLQuantizationType(qtype)
+    return t in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) or t in gguf.quants._type_traits
+
+
+def _read_gguf(path: Path):
+    """(layout, GGUFReader) once ``check_gguf`` has passed; gguf-py's own errors, should any remain, are
+    one line too."""
+    import gguf
+
+    layout = check_gguf(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+        meta = read_metadata(reader)
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"model: {path.name}: gguf-py cannot read it: {first[:200]}") from None
+    offsets = {t.name: int(t.data_offset) for t in reader.tensors}
+    if offsets != {t.name: t.offset for t in layout.tensors}:  # the two readers disagree: trust neither
+        raise ValueError(f"model: {path.name}: the tensor table is ambiguous")
+    return layout, reader, meta
+
+
 def convert_gguf(
     path: str | Path, progress: bool = True
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
-    """Parse and dequantize a GGUF (the slow path): (config, float32 HF state dict, tokenizer metadata)."""
-    import gguf
+    """Parse and dequantize a GGUF (the slow path): (config, float32 HF state dict, tokenizer metadata).
+
+    Everything about the file is checked before anything big is allocated: its structure
+    (``gguf_check``), the metadata, the tensor table against the config, the tensor types, the tokenizer;
+    then each tensor is dequantized and checked to be finite."""
     from tqdm import tqdm
 
-    reader = gguf.GGUFReader(str(path))
-    meta = read_metadata(reader)
-    # GGUF lists dimensions innermost first; numpy/torch want them outermost first.
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    from ..tokenizer import Tokenizer
+
+    path = Path(path)
+    layout, reader, meta = _read_gguf(path)
+    shapes = {t.name: t.shape for t in layout.tensors}
     config = config_from_metadata(meta, shapes)
-    unknown = sorted(n for n in shapes if hf_name(n) is None)
-    if unknown:
-        raise ValueError(
-            f"model: GGUF has tensors a Llama does not use: {', '.join(unknown[:5])}"
-            + (" ..." if len(unknown) > 5 else "")
+    check_tensor_table(config, shapes)
+    for t in layout.tensors:
+        if not _supported(t.qtype):
+            import gguf
+
+            raise ValueError(
+                f"model: GGUF tensor type {gguf.GGMLQuantizationType(t.qtype).name} ({t.name}) is not supported "
+                "(gguf-py has no dequantizer for it)"
+            )
+    tok_meta = {k: meta[k] for k in TOKENIZER_KEYS if k in meta}
+    try:
+        Tokenizer.from_gguf_metadata(tok_meta, vocab_size=config.vocab_size)
+    except ValueError as e:
+        raise ValueError(f"model: {path.name}: {e}") from None
+    if progress:  # only now: a file refused above gets its one error line and nothing else
+        print(
+            f"logitlab: converting {path.name} to float32 (once; cached in {cache_dir() / 'converted'}) ...",
+            file=sys.stderr,
+            flush=True,
         )
     state: dict[str, torch.Tensor] = {}
     for t in tqdm(
         reader.tensors,
-        desc=f"dequantizing {Path(path).name}",
+        desc=f"dequantizing {path.name}",
         unit="tensor",
         leave=False,
         disable=not progress or None,
     ):
         name = hf_name(t.name)
         w = dequantize(t.data, t.tensor_type, shapes[t.name])
+        if not np.isfinite(w).all():
+            raise ValueError(f"model: GGUF tensor {t.name} holds NaN or infinite values")
         if name.endswith("self_attn.q_proj.weight"):
             w = unpermute_rope(w, config.num_heads)
         elif name.endswith("self_attn.k_proj.weight"):
             w = unpermute_rope(w, config.num_kv_heads)
         # own, writable, contiguous memory (F32 data comes back as a view of the read-only memmap)
         state[name] = torch.from_numpy(np.require(w, np.float32, ["C", "W", "O"]))
-    missing = sorted(expected_names(config) - state.keys())
-    if missing:
-        raise ValueError(
-            f"model: GGUF lacks tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
-        )
-    tok_meta = {k: meta[k] for k in TOKENIZER_KEYS if k in meta}
     return config, state, tok_meta
 
 
@@ -292,12 +438,6 @@ def load_gguf(
         cached = _read_cache(tensors_file, meta_file)
         if cached is not None:
             return cached
-    if progress:
-        print(
-            f"logitlab: converting {path.name} to float32 (once; cached in {tensors_file.parent}) ...",
-            file=sys.stderr,
-            flush=True,
-        )
     config, state, tok_meta = convert_gguf(path, progress=progress)
     if use_cache:
         _write_cache(tensors_file, meta_file, config, state, tok_meta, path.resolve())

@@ -1,11 +1,15 @@
-// logitlab playground: the next-token distribution before/after the sampling knobs, and generation.
-// Plain JS + SVG, no dependencies, no network access beyond this server's own API.
+// logitlab playground: the next-token distribution before/after the sampling knobs (and stage by stage),
+// generation, and the shared pieces the other views use (tree.js: branches and beam search; views.js:
+// logit lens and sequence view). Plain JS + SVG, no dependencies, no network access beyond this server's API.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const SVGNS = "http://www.w3.org/2000/svg";
 const KNOBS = ["temperature", "top_k", "top_p", "min_p", "frequency_penalty", "presence_penalty",
-  "repetition_penalty"];
+  "repetition_penalty", "top_n_sigma", "xtc_probability", "xtc_threshold", "dry_multiplier", "dry_base",
+  "dry_allowed_length", "no_repeat_ngram_size", "dynatemp_range", "dynatemp_exponent", "mirostat",
+  "mirostat_tau", "mirostat_eta"];
+const INT_KNOBS = new Set(["top_k", "dry_allowed_length", "no_repeat_ngram_size", "mirostat"]);
 
 const state = {
   promptKey: null, promptIds: null,   // the tokenized prompt (cached per text + chat flag)
@@ -13,8 +17,10 @@ const state = {
   seed: null,                         // the seed of the current output (Generate and Step share it)
   busy: false, genAbort: null, distAbort: null, distTimer: null,
   view: null,                         // null: next token after everything so far; i: the step of token i
-  lastDist: null,
+  treeView: null,                     // a tree node being viewed: {generated, chosen, title} (tree.js)
+  lastDist: null, lastCtx: null,      // the latest /v1/pipeline answer and the context it was asked for
 };
+const distListeners = [];             // fn(dist, ctx) after every chart update (tree.js, views.js)
 
 class ApiError extends Error {
   constructor(message, status) { super(message); this.status = status; }
@@ -73,12 +79,32 @@ function knobs() {
   const k = {};
   for (const name of KNOBS) {
     const v = Number($("k_" + name).value);
-    k[name] = name === "top_k" ? Math.round(v) : v;
+    k[name] = INT_KNOBS.has(name) ? Math.round(v) : v;
   }
   return k;
 }
 
 function maxTokens() { return Math.round(Number($("k_max_tokens").value)); }
+
+// ---- the constraint (the pipeline's first stage) ------------------------------------------------
+function constraintChoices() { return $("c_value").value.split("\n").filter((c) => c.length); }
+
+function constraintFields() {
+  // for /v1/pipeline: guided_regex / guided_choice / guided_json
+  const kind = $("c_kind").value, v = $("c_value").value;
+  if (!kind || !v.trim()) return {};
+  if (kind === "regex") return { guided_regex: v };
+  if (kind === "choice") return { guided_choice: constraintChoices() };
+  return { guided_json: v };
+}
+
+function completionConstraint() {
+  // for /v1/completions: a choice is streamed as its token-level grammar (what the Pipeline tab shows),
+  // written as the server writes it (decoding/constraints.py choice_grammar)
+  const f = constraintFields();
+  if (!f.guided_choice) return f;
+  return { guided_grammar: "root ::= " + f.guided_choice.map((c) => JSON.stringify(c)).join(" | ") };
+}
 
 function seedForRun() {
   const v = $("seed").value.trim();
@@ -106,26 +132,41 @@ function scheduleDist(delay) {
   state.distTimer = setTimeout(updateDist, delay);
 }
 
+function viewContext() {
+  // the step every view looks at: a tree node, a clicked output token, or the next token after the output
+  if (state.treeView) return { ...state.treeView, live: false };
+  const step = state.view;
+  const n = state.tokens.length;
+  return {
+    generated: state.tokens.slice(0, step === null ? n : step).map((t) => t.id),
+    chosen: step === null ? null : state.tokens[step].id,
+    title: step === null ? (n ? `Next token (after ${n} generated)` : "Next token") : `Distribution at step ${step + 1}`,
+    live: step === null,
+  };
+}
+
 async function updateDist() {
   if (state.distAbort) state.distAbort.abort();
   const ctrl = new AbortController();
   state.distAbort = ctrl;
-  const step = state.view;
-  const generated = state.tokens.slice(0, step === null ? state.tokens.length : step).map((t) => t.id);
+  const ctx = viewContext();
   try {
     const ids = await promptIds();
-    const d = await api("/v1/distribution", { prompt: ids, generated, top: 50, ...knobs() }, ctrl.signal);
+    const body = { prompt: ids, generated: ctx.generated, top: 50, stage_top: 20, ...knobs(), ...constraintFields() };
+    const d = await api("/v1/pipeline", body, ctrl.signal);
     if (ctrl.signal.aborted) return;
     state.lastDist = d;
-    const chosen = step === null ? null : state.tokens[step].id;
-    renderChart(d, chosen);
-    $("chart-title").textContent = step === null
-      ? (state.tokens.length ? `Next token (after ${state.tokens.length} generated)` : "Next token")
-      : `Distribution at step ${step + 1}`;
-    $("live").classList.toggle("hidden", step === null);
+    state.lastCtx = ctx;
+    renderChart(d, ctx.chosen);
+    renderStages(d, ctx.chosen);
+    $("chart-title").textContent = ctx.title;
+    $("live").classList.toggle("hidden", ctx.live);
+    for (const fn of distListeners) fn(d, ctx);
   } catch (e) {
     if (e.name === "AbortError") return;
     chartMessage(e.message);
+    $("stage-table").textContent = "";
+    $("constraint-box").classList.add("hidden");
   }
 }
 
@@ -201,8 +242,9 @@ function renderChart(d, chosenId) {
         "stroke-width": 1.5, "stroke-dasharray": "2 2" }, svg);
     }
     const lx = x0 + band / 2, ly = H - m.b + 8;
-    const lab = el("text", { x: lx, y: ly, "font-size": 10, fill: "#333", "text-anchor": "end",
-      transform: `rotate(-60 ${lx} ${ly})`, class: "xlabel" }, svg);
+    const lab = el("text", { x: lx, y: ly, "font-size": 10, fill: r.allowed ? "#1f9d55" : "#333",
+      "font-weight": r.allowed ? 700 : 400, "text-anchor": "end", transform: `rotate(-60 ${lx} ${ly})`,
+      class: "xlabel" + (r.allowed ? " allowed" : "") }, svg);
     const s = showTok(r.token);
     lab.textContent = s.length > 12 ? s.slice(0, 11) + "\u2026" : s;
   });
@@ -235,6 +277,115 @@ function renderChart(d, chosenId) {
   c.dataset.signature = rows.map((r) => r.p_after.toFixed(5)).join(",");
   $("chart-info").textContent = `entropy ${d.entropy_before.toFixed(2)} \u2192 ${d.entropy_after.toFixed(2)} nats` +
     ` \u00b7 knobs keep ${d.kept} tokens (${pct(d.kept_mass)} of the mass)`;
+}
+
+// ---- stage by stage -----------------------------------------------------------------------------
+const STAGE_COLORS = { model: "#9aa0aa", constraint: "#1f9d55" };
+
+function renderStages(d, chosenId) {
+  // one column per pipeline stage (p after it), one row per token; a removed token keeps its row, its
+  // cell in the removing stage's column marked with a cross
+  const table = $("stage-table");
+  table.textContent = "";
+  const stages = d.stages || [], rows = d.stage_rows || [];
+  const head = table.insertRow();
+  head.className = "stage-head";
+  const th0 = document.createElement("th");
+  th0.textContent = "token";
+  head.append(th0);
+  for (const st of stages) {
+    const th = document.createElement("th");
+    th.className = "stage-col";
+    th.dataset.stage = st.stage;
+    const name = document.createElement("div");
+    name.textContent = st.stage.replace(/_/g, " ");
+    const sub = document.createElement("div");
+    sub.className = "sub";
+    sub.textContent = st.stage === "model" ? `${st.kept} tokens`
+      : `keeps ${st.kept}` + (st.mass_removed > 0 ? ` \u00b7 \u2212${pct(st.mass_removed)}` : "");
+    th.title = `entropy after this stage: ${st.entropy.toFixed(3)} nats`;
+    th.append(name, sub);
+    head.append(th);
+  }
+  const thr = document.createElement("th");
+  thr.textContent = "removed by";
+  head.append(thr);
+  const pmax = Math.max(1e-9, ...rows.map((r) => Math.max(...r.p)));
+  for (const r of rows) {
+    const tr = table.insertRow();
+    tr.className = "srow" + (r.removed_by ? " removed removed-" + r.removed_by.replace(/[^a-z0-9]+/gi, "_") : " kept")
+      + (r.allowed === true ? " allowed" : "") + (chosenId !== null && r.id === chosenId ? " chosen" : "");
+    tr.dataset.id = r.id;
+    tr.dataset.removedBy = r.removed_by || "";
+    const tc = tr.insertCell();
+    tc.className = "tokcell mono";
+    tc.textContent = showTok(r.token);
+    tc.title = `${JSON.stringify(r.token)} id ${r.id}, rank ${r.rank_model} by model p`;
+    r.p.forEach((p, i) => {
+      const c = tr.insertCell();
+      const st = stages[i].stage;
+      c.className = "pc";
+      c.dataset.p = p;
+      c.dataset.stage = st;
+      if (r.removed_by === st) {
+        c.classList.add("cut");
+        c.textContent = "\u2715";
+        c.title = `removed by ${st}`;
+      } else if (p === 0 && r.removed_by && stages.findIndex((s) => s.stage === r.removed_by) < i) {
+        c.classList.add("gone");
+        c.textContent = "";
+      } else {
+        const bar = document.createElement("span");
+        bar.className = "pbar";
+        bar.style.width = Math.max(1, Math.round(48 * p / pmax)) + "px";
+        bar.style.background = STAGE_COLORS[st] || "#2f6fdb";
+        const num = document.createElement("span");
+        num.className = "pnum";
+        num.textContent = p >= 0.0001 ? pct(p) : p > 0 ? "<0.01%" : "0";
+        c.append(bar, num);
+      }
+    });
+    tr.insertCell().textContent = r.removed_by || "";
+    tr.addEventListener("click", () => document.dispatchEvent(new CustomEvent("branch-token", { detail: r })));
+  }
+  const last = stages[stages.length - 1];
+  $("stages-info").textContent = last ? `${stages.length - 1} stage${stages.length === 2 ? "" : "s"} ran \u00b7 `
+    + `${last.kept} token${last.kept === 1 ? "" : "s"} left \u00b7 entropy ${stages[0].entropy.toFixed(2)} \u2192 `
+    + `${last.entropy.toFixed(2)} nats` : "";
+  renderConstraint(d);
+}
+
+function renderConstraint(d) {
+  const box = $("constraint-box");
+  const c = d.constraint;
+  box.classList.toggle("hidden", !c);
+  if (!c) return;
+  $("constraint-info").textContent = `The ${c.kind} constraint allows ${c.allowed} of ${d.vocab_size} tokens here ` +
+    `(${pct(c.allowed_mass)} of the model's p); the most probable of them:`;
+  const chips = $("allowed-chips");
+  chips.textContent = "";
+  for (const t of c.top_allowed) {
+    const s = document.createElement("span");
+    s.className = "chip allowed-tok mono";
+    s.textContent = showTok(t.token);
+    s.title = `id ${t.id}, model p ${t.p_model.toExponential(2)}`;
+    s.dataset.id = t.id;
+    chips.append(s);
+  }
+}
+
+// ---- tabs -----------------------------------------------------------------------------------------
+const tabListeners = [];              // fn(name) when a tab is shown (views.js)
+
+function showTab(name) {
+  for (const t of document.querySelectorAll(".tab")) t.classList.toggle("sel", t.dataset.panel === name);
+  for (const p of document.querySelectorAll(".panel")) p.classList.toggle("hidden", p.id !== "panel-" + name);
+  for (const fn of tabListeners) fn(name);
+}
+
+function currentTab() {
+  const t = document.querySelector(".tab.sel");
+  return t ? t.dataset.panel : "pipeline";
 }
 
 // ---- output -----------------------------------------------------------------------------------
@@ -274,6 +425,7 @@ function selectToken(i) {
   const span = document.querySelector(`.tok[data-index="${i}"]`);
   if (span) span.classList.add("sel");
   state.view = i;
+  state.treeView = null;
   $("details").classList.remove("hidden");
   $("det-title").textContent = `Step ${i + 1}: ${JSON.stringify(t.text)} (id ${t.id}), model p = ${Math.exp(t.logprob).toFixed(4)}`;
   // alternatives: the model's top tokens at this step
@@ -348,7 +500,8 @@ function setBusy(b) {
 }
 
 function requestBody(extra) {
-  const body = { max_tokens: maxTokens(), logprobs: 10, explain: true, seed: state.seed, ...knobs(), ...extra };
+  const body = { max_tokens: maxTokens(), logprobs: 10, explain: true, seed: state.seed, ...knobs(),
+    ...completionConstraint(), ...extra };
   if ($("ignore_eos").checked) body.ignore_eos = true;
   return body;
 }
@@ -454,16 +607,32 @@ function init() {
   });
   $("prompt").addEventListener("input", () => {
     state.view = null;
+    state.treeView = null;
+    document.dispatchEvent(new Event("prompt-changed"));  // the tree's paths belonged to the old prompt
     if (!state.tokens.length && !state.busy) clearOutput();  // keep the echo in step with the box
     scheduleDist(250);
   });
-  $("chat").addEventListener("change", () => { state.view = null; scheduleDist(0); });
+  $("chat").addEventListener("change", () => {
+    state.view = null;
+    state.treeView = null;
+    document.dispatchEvent(new Event("prompt-changed"));
+    scheduleDist(0);
+  });
   $("generate").addEventListener("click", generate);
   $("step").addEventListener("click", step);
   $("stop").addEventListener("click", () => state.genAbort && state.genAbort.abort());
   $("clear").addEventListener("click", () => { clearOutput(); state.seed = null; setStatus(""); scheduleDist(0); });
+  for (const t of document.querySelectorAll(".tab")) t.addEventListener("click", () => showTab(t.dataset.panel));
+  $("c_kind").addEventListener("change", () => {
+    const kind = $("c_kind").value;
+    $("c_value").classList.toggle("hidden", !kind);
+    $("c_value").placeholder = { regex: "[0-9]+", choice: "Paris\nLyon", json: '{"type": "object"}' }[kind] || "";
+    scheduleDist(0);
+  });
+  $("c_value").addEventListener("input", () => scheduleDist(400));
   $("live").addEventListener("click", () => {
     state.view = null;
+    state.treeView = null;
     for (const s of document.querySelectorAll(".tok.sel")) s.classList.remove("sel");
     scheduleDist(0);
   });

@@ -1,0 +1,103 @@
+"""Decoding modes inside the one scheduler: a beam search is rows of the continuous batch, so the other
+requests keep getting a token every step while it runs, and its result is the standalone search's."""
+
+from __future__ import annotations
+
+import pytest
+
+from logitlab.decoding.beam import beam_search
+from logitlab.decoding.cli_ext import DriverOptions, beam_group
+from logitlab.engine import Engine
+from logitlab.sampling import ParamError, SamplingParams
+
+from tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def engine(real_tokenizer):
+    return Engine(tiny_model(seed=5, vocab_size=real_tokenizer.vocab_size, context_length=256), real_tokenizer,
+                  max_batch=8, max_len=256)
+
+
+def test_plain_streams_get_a_token_every_step_while_a_beam_search_runs(engine):
+    sched = engine.scheduler
+    plain = [r for i in range(3) for r in engine.make_requests(
+        f"stream {i}", SamplingParams(max_tokens=40, temperature=0.8, seed=i, ignore_eos=True))]
+    sched.add(plain)
+    sched.step()  # the plain requests are running
+    ids = engine.encode_prompt("Once upon a time")
+    params = SamplingParams(max_tokens=12, n=2)
+    group = beam_group(engine, ids, params, DriverOptions(beam_width=4), None)
+    sched.add(group.requests)
+    steps = 0
+    while not group.done:
+        before = [len(r.output_ids) for r in plain]
+        events = sched.step()
+        steps += 1
+        assert [len(r.output_ids) for r in plain] == [b + 1 for b in before]  # nobody paused
+        assert {e.request.id for e in events if e.token_id is not None} == {r.id for r in plain}
+    assert steps >= 2 and all(r.finished for r in group.requests)
+    alone = beam_search(engine.model, ids, width=4, n=2, max_tokens=12,
+                        eos_token_ids=sorted(engine.tokenizer.eos_token_ids), params=params)
+    assert [r.output_ids for r in group.requests] == [h.token_ids for h in alone.hypotheses]
+    while sched.has_work():
+        sched.step()
+    assert sched.cache.used_blocks() == 0  # beams' and streams' blocks all returned
+
+
+def test_a_cancelled_beam_search_frees_its_rows_and_blocks(engine):
+    sched = engine.scheduler
+    group = beam_group(engine, engine.encode_prompt("Hello"), SamplingParams(max_tokens=50),
+                       DriverOptions(beam_width=3), None)
+    sched.add(group.requests)
+    sched.step()
+    assert sched.groups and sched.cache.used_blocks() > 0
+    sched.abort(group.requests[0])
+    events = sched.step()
+    assert {e.finish_reason for e in events if e.request.beam is group} == {"abort"}
+    assert not sched.groups and sched.cache.used_blocks() == 0
+
+
+def test_a_beam_wider_than_the_batch_is_refused(engine):
+    group = beam_group(engine, engine.encode_prompt("Hello"), SamplingParams(max_tokens=5),
+                       DriverOptions(beam_width=9), None)
+    with pytest.raises(ParamError, match="beam_width"):
+        engine.scheduler.add(group.requests)
+
+
+def test_server_streams_keep_flowing_during_a_beam_search(real_tokenizer):
+    """Over HTTP: a stream started before a long beam search request keeps receiving chunks while the
+    beam search runs (it used to run whole on the runner thread and freeze every stream)."""
+    import threading
+    import time
+
+    import httpx
+    from server_harness import tiny_server
+
+    server = tiny_server(real_tokenizer)
+    stamps: list[float] = []
+    beam_window: list[float] = []
+
+    def stream():
+        body = {"prompt": "tell me", "max_tokens": 120, "temperature": 0.8, "seed": 1, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    stamps.append(time.monotonic())
+
+    t = threading.Thread(target=stream)
+    t.start()
+    deadline = time.monotonic() + 60
+    while len(stamps) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    beam_window.append(time.monotonic())
+    r = httpx.post(server.url + "/v1/completions", timeout=120,
+                   json={"prompt": "Once upon a time", "max_tokens": 40, "beam_width": 4, "n": 2})
+    beam_window.append(time.monotonic())
+    t.join(120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["choices"]) == 2 and len(body["beam"]["scores"]) == 2
+    during = [s for s in stamps if beam_window[0] < s < beam_window[1]]
+    assert len(during) >= 5, (len(during), len(stamps))  # the stream advanced while the beam search ran
