@@ -101,3 +101,18 @@ def test_server_streams_keep_flowing_during_a_beam_search(real_tokenizer):
     assert len(body["choices"]) == 2 and len(body["beam"]["scores"]) == 2
     during = [s for s in stamps if beam_window[0] < s < beam_window[1]]
     assert len(during) >= 5, (len(during), len(stamps))  # the stream advanced while the beam search ran
+
+
+def test_beam_search_follows_the_one_stop_policy(engine):
+    """stop_token_ids end a hypothesis like EOS; ignore_eos lets hypotheses run past EOS."""
+    ids = engine.encode_prompt("Once upon a time")
+    free = beam_search(engine, ids, width=3, n=3, max_tokens=6, params=SamplingParams(max_tokens=6))
+    stopper = free.hypotheses[0].token_ids[1]  # a token the best hypothesis produces second
+    stopped = beam_search(engine, ids, width=3, n=3, max_tokens=6,
+                          params=SamplingParams(max_tokens=6, stop_token_ids=[stopper]))
+    assert all(stopper not in h.token_ids[:-1] for h in stopped.hypotheses)
+    assert any(h.token_ids[-1] == stopper and h.finish_reason == "stop" for h in stopped.hypotheses)
+    eos = sorted(engine.tokenizer.eos_token_ids)
+    ignoring = beam_search(engine, ids, width=3, n=3, max_tokens=6, eos_token_ids=eos,
+                           params=SamplingParams(max_tokens=6, ignore_eos=True))
+    assert all(h.finish_reason == "length" and len(h.token_ids) == 6 for h in ignoring.hypotheses)

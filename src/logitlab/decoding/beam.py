@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sampling import ParamError, SamplingParams
-from .constraints import Constraint, PipelineRows, allowed_masks, resolve_model
+from .constraints import Constraint, PipelineRows, allowed_masks, resolve_model, stop_token_set
 
 
 @dataclass
@@ -70,8 +70,9 @@ class BeamGroup:
                  constraint: Constraint | None = None, trace: bool = False, early_stop: bool = True):
         self.prompt_ids, self.W, self.alpha = list(prompt_ids), width, float(length_penalty)
         self.max_tokens, self.n, self.V = max_tokens, n, vocab_size
-        self.eos = set(int(e) for e in eos_token_ids)
         self.params = params if params is not None else SamplingParams()
+        # what ends a hypothesis: the one stop policy (EOS unless ignore_eos, and the stop_token_ids)
+        self.eos = stop_token_set(self.params, eos_token_ids)
         self.rows = PipelineRows(self.params, self.prompt_ids, vocab_size, sorted(self.eos), count=1,
                                  distribution=True)
         self.states = [constraint.start()] if constraint is not None else None
