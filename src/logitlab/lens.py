@@ -28,6 +28,7 @@ import torch
 
 # GLTR's buckets: the rank of a token in the model's predictive distribution (the last one is open)
 RANK_BUCKETS = (1, 10, 100, 1000)
+HEAD_ROWS = 256  # positions per LM-head call in sequence_view
 
 
 @dataclass
@@ -121,15 +122,19 @@ def sequence_view(model, token_ids, start: int | None = None) -> list[TokenStat]
     ``Engine.score``'s BOS or EOS), so the first token is predicted too; without it the first has none."""
     ids = _check_ids(model, ([] if start is None else [start]) + [int(t) for t in token_ids])
     T = len(ids)
-    logits = model(torch.tensor([ids]), torch.arange(T).unsqueeze(0), logits_at="all")[0, :-1].float()  # [T-1, V]
-    logp = torch.log_softmax(logits, -1)
-    target = torch.tensor(ids[1:]).unsqueeze(-1)
-    lp = logp.gather(-1, target).squeeze(-1)
-    rank = (logp > lp.unsqueeze(-1)).sum(-1) + 1
-    entropy = -(logp.exp() * logp).nan_to_num(0.0).sum(-1)
+    # one forward through the blocks; the LM head then runs on HEAD_ROWS positions at a time, so a long
+    # text never holds a [T, V] float32 tensor (2048 x 49152 would be 400 MB, and its log-softmax again)
+    hidden = model(torch.tensor([ids]), torch.arange(T).unsqueeze(0), logits_at="none")[0, :-1]  # normed, [T-1, C]
+    target = torch.tensor(ids[1:])
+    lp, rank, entropy = [], [], []
+    for lo in range(0, T - 1, HEAD_ROWS):
+        logp = torch.log_softmax(model.lm_head(hidden[lo: lo + HEAD_ROWS]).float(), -1)  # [rows, V]
+        tok_lp = logp.gather(-1, target[lo: lo + HEAD_ROWS].unsqueeze(-1))
+        lp += tok_lp.squeeze(-1).tolist()
+        rank += ((logp > tok_lp).sum(-1) + 1).tolist()
+        entropy += (-(logp.exp() * logp).nan_to_num(0.0).sum(-1)).tolist()
     out = [] if start is not None else [TokenStat(ids[0], None, None, None)]
-    out += [TokenStat(t, float(a), int(r), float(e))
-            for t, a, r, e in zip(ids[1:], lp.tolist(), rank.tolist(), entropy.tolist(), strict=True)]
+    out += [TokenStat(t, a, r, e) for t, a, r, e in zip(ids[1:], lp, rank, entropy, strict=True)]
     return out
 
 

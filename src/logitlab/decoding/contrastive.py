@@ -33,6 +33,7 @@ from .constraints import (
     sample_seeds,
     stop_token_set,
 )
+from .yield_point import yield_point
 
 
 def contrastive_scores(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, alpha: float = 0.1,
@@ -132,6 +133,7 @@ def contrastive_generate(
     done, reasons = [False] * n, ["length"] * n
     traces: list[list[dict]] = [[] for _ in range(n)]
     while True:
+        yield_point()  # on the server: let the scheduler step between two tokens
         allowed = allowed_masks(states, V) if states is not None else None
         scores = contrastive_scores(apply_allowed(le, allowed), apply_allowed(la, allowed), alpha,
                                     amateur_temperature)

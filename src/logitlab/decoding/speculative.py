@@ -38,6 +38,7 @@ from ..model.cache import KVCache
 from ..model.quant import pack_for_gemm, quantize_int8
 from ..sampling import ParamError, SamplingParams
 from .constraints import PipelineRows, resolve_model, sample_seeds, stop_token_set
+from .yield_point import yield_point
 
 # random streams of one row (uniforms are counter-based: seed x counter x stream)
 _DRAFT, _ACCEPT, _RESIDUAL = 11, 12, 13
@@ -306,6 +307,7 @@ def speculative_generate(
     per_round: list[list[int]] = []
     rnd = 0
     while not all(done):
+        yield_point()  # on the server: let the scheduler step between two rounds
         lengths = torch.tensor([len(s) for s in seqs])
         g = min(gamma, int((cache_len - lengths).min()) - 1)  # room left in the caches
         g = max(g, 1)

@@ -8,7 +8,9 @@ one background thread owns both. Everything else talks to it through thread-safe
   that made it (the asyncio side wraps ``loop.call_soon_threadsafe``).
 - ``abort(requests)``: cancel (client went away); the scheduler frees the slots at its next step.
 - ``call(fn)``: run ``fn()`` on the runner thread between two steps (model use outside the scheduler,
-  e.g. the playground's distribution), returning a ``concurrent.futures.Future``.
+  e.g. the playground's distribution), returning a ``concurrent.futures.Future``. A decoding loop that
+  runs there (speculative, contrastive) steps the scheduler once per round (``yield_point``), so it
+  never freezes the other streams.
 
 The loop steps while there is work and sleeps on a condition variable otherwise. If a step raises (a
 bug), every request in flight is finished with ``finish_reason="error"`` and the scheduler is emptied,
@@ -24,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from ..decoding.scheduler import Request, TokenEvent
+from ..decoding.yield_point import installed
 
 log = logging.getLogger("logitlab.server")
 
@@ -123,37 +126,53 @@ class Runner:
                     self._cv.wait()
                 if self._stopping:
                     break
-                inbox, self._inbox = self._inbox, []
-                aborts, self._aborts = self._aborts, []
                 calls, self._calls = self._calls, []
             for fn, fut in calls:
                 if fut.set_running_or_notify_cancel():
                     try:
-                        fut.set_result(fn())
+                        # a driver loop (speculative, contrastive) steps the scheduler between its rounds,
+                        # so the other streams keep flowing while it runs (decoding/yield_point.py)
+                        with installed(self._tick):
+                            result = fn()
+                        fut.set_result(result)
                     except BaseException as e:  # noqa: BLE001 - handed to the caller
                         fut.set_exception(e)
-            for requests, sink in inbox:
-                for r in requests:
-                    self._sinks[r.id] = sink
-                sched.add(requests)
-                with self._cv:
-                    self._inbox_count -= len(requests)
-            for r in aborts:
-                if r.id in self._sinks and not r.finished:
-                    sched.abort(r)
-            if not sched.has_work():
-                continue
-            t0 = time.perf_counter()
-            try:
-                events = sched.step()
-            except Exception as e:  # a bug: fail what is in flight, keep serving
-                log.exception("scheduler step failed; failing the requests in flight")
-                self.crashes += 1
-                events = self._fail_all(e)
-            self.steps += 1
-            self.step_seconds += time.perf_counter() - t0
-            self._dispatch(events)
+            self._tick()
         self._drain_on_stop()
+
+    def _tick(self) -> None:
+        """Take the new requests and aborts, then run one scheduler step (when there is work) and hand
+        its events out."""
+        sched = self.scheduler
+        with self._cv:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for requests, sink in inbox:
+            for r in requests:
+                self._sinks[r.id] = sink
+            try:
+                sched.add(requests)
+            except Exception as e:  # noqa: BLE001 - e.g. a beam search that can never fit: fail those only
+                for r in requests:
+                    r.finish_reason, r.error = "error", str(e)
+                self._dispatch([TokenEvent(r, None, "", finish_reason="error") for r in requests])
+            with self._cv:
+                self._inbox_count -= len(requests)
+        for r in aborts:
+            if r.id in self._sinks and not r.finished:
+                sched.abort(r)
+        if not sched.has_work():
+            return
+        t0 = time.perf_counter()
+        try:
+            events = sched.step()
+        except Exception as e:  # a bug: fail what is in flight, keep serving
+            log.exception("scheduler step failed; failing the requests in flight")
+            self.crashes += 1
+            events = self._fail_all(e)
+        self.steps += 1
+        self.step_seconds += time.perf_counter() - t0
+        self._dispatch(events)
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
         for ev in events:
