@@ -179,6 +179,11 @@ def _start_server(args) -> tuple[str, str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and argv[0] == "--mixed":  # streams beside beam search and speculative decoding (mixed_bench.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from mixed_bench import main as mixed_main
+
+        return mixed_main(argv[1:])
     p = argparse.ArgumentParser(prog="server_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
     p.add_argument("--model", default=None)
