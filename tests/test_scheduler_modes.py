@@ -112,3 +112,22 @@ def test_server_streams_keep_flowing_during_a_decoding_driver(real_tokenizer, dr
     ends = during if stamps[-1] < window[1] else during + [window[1]]
     gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     assert max(gaps) < 0.5 * (window[1] - window[0]), (max(gaps), window[1] - window[0])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_contrastive_rows_in_the_scheduler_equal_the_contrastive_loop(engine, temperature):
+    """An early-exit amateur is the model's own first K layers, read from the same batched pass: the
+    scheduler's contrastive rows give the standalone loop's tokens, seeded or greedy."""
+    from logitlab.decoding.contrastive import contrastive_generate
+
+    ids = engine.encode_prompt("The weather today is")
+    params = SamplingParams(max_tokens=10, temperature=temperature, seed=3, n=2, ignore_eos=True)
+    loop = contrastive_generate(engine.model, "early-exit:1", ids, alpha=0.2, params=params,
+                                eos_token_ids=sorted(engine.tokenizer.eos_token_ids))
+    plain = engine.make_requests("a neighbour", SamplingParams(max_tokens=10, temperature=0.7, seed=1))
+    engine.scheduler.add(plain)  # batched with an ordinary request
+    got = engine.generate(ids, params, contrastive=(1, 0.2, 1.0))[0]
+    assert [c.token_ids for c in got.choices] == loop.token_ids
+    while engine.scheduler.has_work():
+        engine.scheduler.step()
+    assert plain[0].finished and engine.scheduler.cache.used_blocks() == 0

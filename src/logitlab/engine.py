@@ -140,21 +140,34 @@ class Engine:
             raise ParamError("prompt", "must not be empty")
         return ids
 
-    def make_requests(self, prompt: str | list[int], params: SamplingParams, constraint=None) -> list[Request]:
+    def make_requests(self, prompt: str | list[int], params: SamplingParams, constraint=None,
+                      contrastive: tuple[int, float, float] | None = None) -> list[Request]:
         """Validate and turn one prompt into its ``n`` requests (one shared prefill). ``constraint``
-        (a compiled ``decoding.constraints.Constraint``) restricts every sample to its grammar."""
+        (a compiled ``decoding.constraints.Constraint``) restricts every sample to its grammar;
+        ``contrastive`` = (K, alpha, amateur temperature) samples from contrastive scores against the
+        model's own first K layers (in the same batched step as everything else)."""
         ids = self.encode_prompt(prompt)
         params.validate(self.vocab_size, context_length=self.max_len, prompt_len=len(ids),
                         eos_token_ids=sorted(self.tokenizer.eos_token_ids))
         self.scheduler.check_fits(len(ids), params.max_tokens)
         base = params.seed if params.seed is not None else secrets.randbits(63)
         group = next(_groups)
+        if contrastive is not None:
+            k, alpha, temp = contrastive
+            if not (isinstance(k, int) and 1 <= k < self.config.num_layers):
+                raise ParamError("contrastive_amateur", f"early-exit:K needs 1 <= K < {self.config.num_layers}, "
+                                                        f"got {k!r}")
+            if not (isinstance(alpha, int | float) and 0 < alpha <= 1):
+                raise ParamError("contrastive_alpha", f"must be in (0, 1], got {alpha!r}")
+            if not (isinstance(temp, int | float) and 0 < temp < 1e6):
+                raise ParamError("amateur_temperature", f"must be > 0, got {temp!r}")
         return [Request(ids, params, derive_seed(base, i), group=group, index=i,
-                        constraint=constraint.start() if constraint is not None else None)
+                        constraint=constraint.start() if constraint is not None else None,
+                        contrastive=contrastive)
                 for i in range(params.n)]
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool = False, constraint=None) -> list[GenerationResult]:
+                 progress: bool = False, constraint=None, contrastive=None) -> list[GenerationResult]:
         """Generate for one prompt or a batch of prompts (str or token ids), with one SamplingParams
         for all or one per prompt. All prompts run together in one continuous batch."""
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
@@ -164,7 +177,7 @@ class Engine:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ParamError("params", f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
-        groups = [self.make_requests(p, sp, constraint) for p, sp in zip(prompts, plist, strict=True)]
+        groups = [self.make_requests(p, sp, constraint, contrastive) for p, sp in zip(prompts, plist, strict=True)]
         for g in groups:
             self.scheduler.add(g)
         self._run([r for g in groups for r in g], progress)

@@ -20,6 +20,7 @@ its own seed and its own token count, so its output does not depend on its batch
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -30,6 +31,8 @@ from ..model.transformer import Transformer
 from ..sampling import ParamError, SamplingBatch, SamplingParams, sample
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .stops import StopStringMatcher
+
+log = logging.getLogger("logitlab.scheduler")
 
 _ids = itertools.count()
 
@@ -58,6 +61,9 @@ class Request:
     cancelled: bool = False
     constraint: object = None  # a constraints.ConstraintState: grammar / JSON schema / regex position
     beam: object = None  # a beam.BeamGroup this request is one hypothesis of (the group holds the rows)
+    # contrastive decoding against the model's own first K layers: (K, alpha, amateur temperature); the
+    # row samples from the contrastive scores (decoding/contrastive.py) read from the same forward pass
+    contrastive: tuple[int, float, float] | None = None
 
 
     @property
@@ -220,31 +226,19 @@ class Scheduler:
         if not rows:
             return events
         logits = torch.cat(logits)  # [R, V], row i is slot i
-        if any(r.constraint is not None for r in rows):
-            # Grammar constraints are the pipeline's first stage: tokens the grammar forbids are -inf
-            # before anything else looks at the row.
-            from .constraints import allowed_masks, apply_allowed
-
-            logits = apply_allowed(logits, allowed_masks([r.constraint for r in rows], self.vocab_size))
-
-        batch = self._sampling_batch(rows)
-        history = None
-        if {"dry", "no_repeat_ngram"} & batch.uses:  # these read each row's tokens in order
-            history = _pad([r.prompt_ids + r.output_ids for r in rows], fill=-1)[0]
-        miro = "mirostat" in batch.uses
-        out = sample(
-            logits,
-            batch,
-            output_counts=self.output_counts[: len(rows)],
-            prompt_counts=self.prompt_counts[: len(rows)],
-            num_generated=torch.tensor([len(r.output_ids) for r in rows]),
-            num_logprobs=max((r.params.logprobs or 0) for r in rows),
-            explain=any(r.params.explain for r in rows),
-            history=history,
-            mirostat_mu=self.mirostat_mu[: len(rows)] if miro else None,
-        )
+        num_logprobs = max((r.params.logprobs or 0) for r in rows)
+        explain = any(r.params.explain for r in rows)
+        broken: dict[int, str] = {}  # row -> error, for rows failed alone (row isolation)
+        try:
+            out = self._sample(logits, rows, 0, self._sampling_batch(rows), num_logprobs, explain)
+        except Exception:
+            # Row isolation: one request's parameters or state (a value validation let through, a bug in one
+            # sampler stage, a broken grammar matcher) must not fail its batch neighbours. Sample the rows one
+            # by one; only a row that still raises fails, alone. (Costs R small calls, on this step only.)
+            log.exception("sampling a batch of %d rows failed; sampling them one by one", len(rows))
+            out, broken = self._sample_each(logits, rows, num_logprobs, explain)
         self.output_counts[torch.arange(len(rows)), out.tokens] += 1
-        if miro:
+        if out.mirostat_mu is not None:
             self.mirostat_mu[: len(rows)] = out.mirostat_mu
         tokens = out.tokens.tolist()
         logprobs = out.logprobs.tolist()
@@ -252,6 +246,10 @@ class Scheduler:
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         failed = out.failed.tolist()
         for i, r in enumerate(rows):
+            if i in broken:
+                r.error = broken[i]
+                events.append(self._finish(r, "error"))
+                continue
             if failed[i]:
                 r.error = "no token is allowed by the sampling constraints (or the model produced NaN)"
                 events.append(self._finish(r, "error"))
@@ -261,9 +259,80 @@ class Scheduler:
                 top = list(zip(top_ids[i][: r.params.logprobs], top_lps[i][: r.params.logprobs], strict=True))
             if out.trace is not None and r.params.explain:
                 r.trace.append({"step": len(r.output_ids), "stages": out.trace[i]})
-            events.append(self._append(r, tokens[i], logprobs[i], top))
+            try:
+                events.append(self._append(r, tokens[i], logprobs[i], top))
+            except Exception as e:  # detokenizer / stop strings / grammar accept of this row: fail it alone
+                log.exception("request %s failed after sampling", r.id)
+                r.error = f"internal error: {type(e).__name__}: {e}"
+                events.append(self._finish(r, "error"))
         self._release_finished()
         return events
+
+    def _sample(self, logits: torch.Tensor, rows: list[Request], start: int, batch: SamplingBatch,
+                num_logprobs: int, explain: bool):
+        """The sampling pipeline on ``rows`` (rows ``start``.. of the batch, ``logits`` theirs): the grammar
+        constraint mask first (tokens it forbids are -inf before anything else looks at a row), then
+        ``sample`` with the rows' per-row state."""
+        if any(r.constraint is not None for r in rows):
+            from .constraints import allowed_masks, apply_allowed
+
+            logits = apply_allowed(logits, allowed_masks([r.constraint for r in rows], self.vocab_size))
+        history = None
+        if {"dry", "no_repeat_ngram"} & batch.uses:  # these read each row's tokens in order
+            history = _pad([r.prompt_ids + r.output_ids for r in rows], fill=-1)[0]
+        end = start + len(rows)
+        return sample(
+            logits,
+            batch,
+            output_counts=self.output_counts[start:end],
+            prompt_counts=self.prompt_counts[start:end],
+            num_generated=torch.tensor([len(r.output_ids) for r in rows]),
+            num_logprobs=num_logprobs,
+            explain=explain,
+            history=history,
+            mirostat_mu=self.mirostat_mu[start:end] if "mirostat" in batch.uses else None,
+        )
+
+    def _sample_each(self, logits: torch.Tensor, rows: list[Request], num_logprobs: int, explain: bool):
+        """Row isolation: every row sampled alone. Returns (the rows' outputs as one SamplerOutput, {row:
+        error} for the rows that raised; their entries in the output are placeholders)."""
+        from ..sampling.sampler import SamplerOutput
+
+        outs, broken = [], {}
+        for i, r in enumerate(rows):
+            try:
+                texts = self.vocab_texts() if r.params.dry_multiplier > 0 else None
+                batch = SamplingBatch.build([r.params], [r.seed], self.vocab_size, self.eos_ids, token_texts=texts)
+                outs.append(self._sample(logits[i: i + 1], [r], i, batch, num_logprobs, explain))
+            except Exception as e:
+                log.exception("request %s fails alone: its row cannot be sampled", r.id)
+                broken[i] = f"internal error: {type(e).__name__}: {e}"
+                outs.append(None)
+        ok = next((o for o in outs if o is not None), None)
+
+        def cat(name, fill):
+            parts = [getattr(o, name) if o is not None else fill for o in outs]
+            return None if any(p is None for p in parts) else torch.cat(parts)
+
+        has_top = ok.top_ids is not None if ok is not None else num_logprobs > 0
+        width = ok.top_ids.shape[1] if ok is not None and has_top else num_logprobs
+        mu = None
+        if any(o is not None and o.mirostat_mu is not None for o in outs):
+            mu = self.mirostat_mu[: len(rows)].clone()
+            for i, o in enumerate(outs):
+                if o is not None and o.mirostat_mu is not None:
+                    mu[i] = o.mirostat_mu[0]
+        zero = torch.zeros(1)
+        return SamplerOutput(
+            tokens=cat("tokens", torch.zeros(1, dtype=torch.long)), logprobs=cat("logprobs", zero),
+            raw_logprobs=cat("raw_logprobs", zero), processed_logprobs=cat("processed_logprobs", zero),
+            top_ids=cat("top_ids", torch.zeros(1, width, dtype=torch.long)) if has_top else None,
+            top_logprobs=cat("top_logprobs", torch.zeros(1, width)) if has_top else None,
+            failed=cat("failed", torch.zeros(1, dtype=torch.bool)),
+            trace=[t for o in outs for t in (o.trace if o is not None and o.trace is not None else [[]])]
+            if explain else None,
+            mirostat_mu=mu,
+        ), broken
 
     # ---- model calls -------------------------------------------------------------------------
     def _decode_logits(self, rows: list[Request], groups=()) -> torch.Tensor:
@@ -283,8 +352,26 @@ class Scheduler:
             tokens += g.last_tokens()
             positions += [p] * g.live()
             tables += g.tables
-        return self.model(torch.tensor(tokens).unsqueeze(1), torch.tensor(positions).unsqueeze(1), self.cache,
-                          block_tables=PagedKVCache.table_tensor(tables))
+        return self._contrasted(rows, self.model, torch.tensor(tokens).unsqueeze(1),
+                                torch.tensor(positions).unsqueeze(1), self.cache,
+                                block_tables=PagedKVCache.table_tensor(tables))
+
+    @staticmethod
+    def _contrasted(rows: list[Request], fn, *args, **kwargs) -> torch.Tensor:
+        """``fn(*args, **kwargs)`` (a forward whose first ``len(rows)`` logits rows are ``rows``'), with the
+        logits of contrastive rows replaced by their contrastive scores, the amateur's logits read at layer K
+        of the same pass."""
+        want = {r.contrastive[0] for r in rows if r.contrastive is not None}
+        if not want:
+            return fn(*args, **kwargs)
+        from .contrastive import contrastive_scores
+
+        logits, early = fn(*args, exits=tuple(sorted(want)), **kwargs)
+        for i, r in enumerate(rows):
+            if r.contrastive is not None:
+                k, alpha, temp = r.contrastive
+                logits[i] = contrastive_scores(logits[i: i + 1], early[k][i: i + 1], alpha, temp)[0]
+        return logits
 
     def _writable(self, r: Request, position: int) -> None:
         """Make ``position`` of ``r`` writable; a new or copied block counts against its reservation."""
@@ -306,7 +393,7 @@ class Scheduler:
         seqs = [r.prompt_ids + r.output_ids for r in rows]
         tokens, valid = _pad(seqs)
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        return self.model(tokens, positions, None, valid=valid)
+        return self._contrasted(rows, self.model, tokens, positions, None, valid=valid)
 
     def _admit(self) -> list[Request]:
         """Move waiting requests, in order, into free rows while the KV pool can hold them to their end
@@ -430,15 +517,32 @@ class Scheduler:
         positions = torch.arange(tokens.shape[1]).expand_as(tokens) + starts
         echo = any(u.leader.params.echo for u, _, _ in chosen)
         logits_at = "all" if echo else "last"
+        kv = dict(cache=self.cache, block_tables=PagedKVCache.table_tensor([u.leader.blocks for u, _, _ in chosen])) \
+            if self.use_cache else {}
+        out = self.model(tokens, positions, valid=valid, logits_at=logits_at, **kv)
         if self.use_cache:
-            out = self.model(tokens, positions, self.cache, valid=valid, logits_at=logits_at,
-                             block_tables=PagedKVCache.table_tensor([u.leader.blocks for u, _, _ in chosen]))
             for u, _, b in chosen:
                 self.cache.register_prefix(u.leader.prompt_ids, u.leader.blocks, b)
-        else:
-            out = self.model(tokens, positions, None, valid=valid, logits_at=logits_at)
         lengths = valid.sum(1)
         last = out[torch.arange(len(chosen)), lengths - 1] if echo else out
+        if any(u.leader.contrastive is not None for u, _, _ in chosen):
+            # the contrastive rows' next-token scores: one more pass over their last tokens (cached now), with
+            # the amateur read at layer K (the chunked prefill above computed the expert only)
+            idx = [i for i, (u, _, _) in enumerate(chosen) if u.leader.contrastive is not None]
+            leads = [chosen[i][0].leader for i in idx]
+            ends = torch.tensor([chosen[i][2] - 1 for i in idx]).unsqueeze(1)
+            toks = torch.tensor([[r.prompt_ids[e]] for r, e in zip(leads, ends.view(-1).tolist(), strict=True)])
+            if self.use_cache:
+                for r, e in zip(leads, ends.view(-1).tolist(), strict=True):
+                    self._writable(r, e)  # (a copy first if that block is shared or cached)
+                scored = self._contrasted(leads, self.model, toks, ends, cache=self.cache,
+                                          block_tables=PagedKVCache.table_tensor([r.blocks for r in leads]))
+            else:  # no cache: the whole prompt again
+                seq_tokens, seq_valid = _pad([r.prompt_ids for r in leads])
+                seq_pos = torch.arange(seq_tokens.shape[1]).expand_as(seq_tokens)
+                scored = self._contrasted(leads, self.model, seq_tokens, seq_pos, valid=seq_valid)
+            last = last.clone()
+            last[torch.tensor(idx)] = scored
         ready: list[Request] = []
         rows: list[int] = []
         for i, (u, _, b) in enumerate(chosen):

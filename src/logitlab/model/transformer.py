@@ -317,7 +317,8 @@ class Transformer(nn.Module):
         logits_at: str | torch.Tensor = "last",
         num_layers: int | None = None,
         block_tables: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        exits: tuple[int, ...] = (),
+    ):
         """Run ``tokens [B, T]`` at ``positions [B, T]``.
 
         cache, rows: write keys/values into ``cache`` slots ``rows`` (default ``0:B``) and attend over
@@ -332,6 +333,9 @@ class Transformer(nn.Module):
             exit: the "amateur" of contrastive decoding and a free draft model for speculative decoding).
         block_tables [B, W] (with a ``PagedKVCache``): each row's blocks; the blocks for the new positions
             must already be there and writable (``PagedKVCache.ensure_writable``).
+        exits: also read the logits after each of these numbers of layers (early exit, the same
+            positions as ``logits_at``) from this one pass: returns ``(logits, {K: logits_K})``. The first K
+            layers of a model are its own early-exit amateur, so contrastive decoding needs no second pass.
         """
         B, T = tokens.shape
         if valid is None:
@@ -379,9 +383,19 @@ class Transformer(nn.Module):
         if not rope:  # learned absolute positions (padding sits at the scratch position: clamp, it is masked)
             h = h + self.model.embed_positions(positions.clamp(max=self.config.context_length - 1).reshape(-1))
         layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
+        early: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(layers):
             h = layer(h, step, None if cache is None else (cache.k[i], cache.v[i]))
-        h = h.view(B, T, -1)
+            if i + 1 in exits:
+                early[i + 1] = h
+        if exits:
+            out = self._head(h.view(B, T, -1), logits_at, valid)
+            return out, {k: self._head(e.view(B, T, -1), logits_at, valid) for k, e in early.items()}
+        return self._head(h.view(B, T, -1), logits_at, valid)
+
+    def _head(self, h: torch.Tensor, logits_at, valid: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head at the positions ``logits_at`` asks for (h [B, T, C])."""
+        B = h.shape[0]
 
         if isinstance(logits_at, str) and logits_at == "none":
             return self.model.norm(h)

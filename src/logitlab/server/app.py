@@ -18,6 +18,12 @@ then one with no choices carrying the extra fields ``beam`` / ``speculative`` / 
 ``contrastive``, then ``[DONE]``). The server reads no files for these fields and loads no other model:
 ``contrastive.amateur`` must be ``early-exit:K``; ``speculative.draft`` one of ``early-exit:K``,
 ``ngram``, ``ngram:N``, ``int8``.
+
+Hardening (issue 11): ``guards.py`` answers only this server's Host names (DNS rebinding) and reads JSON
+bodies only (CSRF), and bounds what one request may ask for (``guards.Limits``); grammars compile and chat
+templates render in worker processes under a time and memory budget (``sandbox.py``), never on the event
+loop or the runner thread; a non-streaming request whose client leaves is cancelled at once; a 429 says
+when to retry (``Retry-After``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import hmac
 import json
 import logging
 import math
-import os
 import re
 import time
 import uuid
@@ -44,10 +49,12 @@ from ..decoding.cli_ext import DriverOptions, generate_with_driver
 from ..engine import Completion, GenerationResult
 from ..openai_format import TextOffsets, chat_logprobs, completion_response, logprobs_chunk, prompt_offsets
 from ..sampling import ParamError, SamplingParams
-from . import conformance, schemas
+from . import conformance, schemas, tools
 from .distribution import next_token_distribution
+from .guards import Guard, HostPolicy, Limits, check_driver_sizes, is_json, not_json_message
 from .metrics import Metrics
 from .runner import QueueFull, Runner
+from .sandbox import EngineSandbox, SandboxError
 
 log = logging.getLogger("logitlab.server")
 
@@ -59,15 +66,36 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
+                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers=headers)
+
+
+RETRY_AFTER_S = 1  # a full queue drains by a few rows per decode step: a second later there is usually room
+
+
+def queue_full(e: Exception) -> APIError:
+    """429 for a full queue (or a full worker pool), with ``Retry-After`` as OpenAI's API sends it."""
+    return APIError(429, str(e), type_="rate_limit_error", code="queue_full",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def sandbox_refusal(e: SandboxError) -> APIError:
+    if e.kind == "busy":
+        return queue_full(e)
+    return APIError(503, f"the server cannot take this request now ({e.kind}: {e.message})", type_="server_error",
+                    code="unavailable")
+
+
+class _Gone:
+    """Put on a stream's queue when its client disconnects."""
 
 
 class _ClientGone(Exception):
@@ -77,6 +105,7 @@ class _ClientGone(Exception):
 _UNION_HINTS = {
     "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
     "stop": "must be a string or a list of strings",
+    "tool_choice": "must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}",
 }
 
 
@@ -131,18 +160,38 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (ev, trace))
 
 
+async def _watch_disconnect(request: Request, stream: _Stream) -> None:
+    """Wake the stream's reader the moment its client goes away: the ASGI server sends ``http.disconnect``
+    when the connection closes (the body has been read by now, so nothing else arrives here)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            stream.queue.put_nowait(_Gone)
+            return
+
+
 def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_body_bytes: int = 1 << 20,
-               model_names: list[str] | None = None) -> FastAPI:
+               model_names: list[str] | None = None, limits: Limits | None = None, bind_host: str | None = None,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
     """The FastAPI app. ``api_key``: when set, every API route needs ``Authorization: Bearer KEY``
-    (``/health``, the playground page and its static files do not). ``max_queue``: requests waiting for
-    a slot before new ones get 429. ``max_body_bytes``: larger bodies get 413. ``model_names``: the names
-    clients may use in ``model`` (default: the engine's name)."""
+    (``/health``, the playground page and its static files do not). ``max_queue``: rows of work waiting
+    before new requests get 429 (runner.py). ``max_body_bytes``: larger bodies get 413. ``model_names``: the
+    names clients may use in ``model`` (default: the engine's name). ``limits``: what one request may ask for
+    (``guards.Limits``). ``bind_host``: the address the server listens on; given (``logitlab serve`` always
+    gives it), only its Host names and ``allowed_hosts`` are answered (``guards.HostPolicy``; ``"*"``: any);
+    None, an app embedded elsewhere: any Host (its own server or proxy decides)."""
+    import dataclasses
+
     metrics = Metrics()
     runner = Runner(engine, max_queue=max_queue, metrics=metrics)
     served = list(model_names or [engine.name])
     tok = engine.tokenizer
     max_batch = engine.scheduler.max_batch
     key_bytes = api_key.encode("utf-8") if api_key else None
+    limits = limits or Limits()
+    limits = dataclasses.replace(limits, max_beam_width=min(limits.max_beam_width, max_batch))
+    # a rendered conversation longer than the body could carry is refused in the worker (no huge id lists)
+    sandbox = EngineSandbox(engine, limits, max_prompt_tokens=max(engine.max_len, max_body_bytes))
 
     from contextlib import asynccontextmanager
 
@@ -152,15 +201,25 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         try:
             yield
         finally:
+            sandbox.close()  # kills the workers: a compile or render in progress ends now
             runner.stop()
 
     app = FastAPI(title="logitlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.runner, app.state.metrics = engine, runner, metrics
+    app.state.sandbox, app.state.limits = sandbox, limits
 
     # ---- errors ------------------------------------------------------------------------------
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return error_response(e.status, e.message, e.type, e.param, e.code)
+        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request, e: QueueFull):
+        return await _api_error(request, queue_full(e))
+
+    @app.exception_handler(SandboxError)
+    async def _sandbox_error(request, e: SandboxError):  # a worker pool full or closed (sandbox.py)
+        return await _api_error(request, sandbox_refusal(e))
 
     @app.exception_handler(ParamError)
     async def _param_error(request, e: ParamError):
@@ -211,6 +270,9 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             finally:
                 metrics.record_request(scope["path"], status[0], time.perf_counter() - t0)
 
+    # Host and content-type guard (guards.py) inside the timing, so refusals are counted too
+    policy = HostPolicy.for_bind(bind_host, allowed_hosts or ()) if bind_host is not None else HostPolicy.anyone()
+    app.add_middleware(Guard, policy=policy)
     app.add_middleware(_Timing)
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -238,6 +300,8 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             if len(body) > max_body_bytes:
                 raise APIError(413, f"The request body is larger than this server accepts "
                                     f"({max_body_bytes} bytes)", code="request_too_large")
+        if not is_json(request.headers.get("content-type")):  # CSRF: see guards.py
+            raise APIError(415, not_json_message(request.headers.get("content-type")), code="unsupported_media_type")
         try:
             data = json.loads(bytes(body), parse_constant=_reject_constant)
         except (ValueError, RecursionError) as e:
@@ -278,7 +342,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         except (TypeError, ValueError) as e:
             raise APIError(400, f"invalid sampling parameters: {e}", code="invalid_value") from None
 
-    def make_groups(prompts: list, params: SamplingParams, constraint=None) -> list:
+    def make_groups(prompts: list, params: SamplingParams, constraint=None, contrastive=None) -> list:
         total = len(prompts) * params.n
         if total > max_queue:
             raise ParamError("prompt", f"{len(prompts)} prompts x n={params.n} = {total} requests; "
@@ -288,7 +352,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         groups = []
         for p in prompts:
             try:
-                groups.append(engine.make_requests(p, params, constraint))
+                groups.append(engine.make_requests(p, params, constraint, contrastive))
             except ParamError:
                 raise
             except (UnicodeError, TypeError, ValueError, OverflowError) as e:
@@ -301,7 +365,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         try:
             runner.submit(requests, stream.sink)
         except QueueFull as e:
-            raise APIError(429, str(e), type_="rate_limit_error", code="queue_full") from None
+            raise queue_full(e) from None
         metrics.record_tokens(prompt=sum(len(g[0].prompt_ids) for g in groups))
         return stream, requests
 
@@ -312,29 +376,29 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             metrics.record_abort(len(left))
 
     async def events(request: Request, stream: _Stream, requests: list, t0: float, poll: bool):
-        """Yield (event, trace) until every request has finished. ``poll``: check every half second
-        whether the client went away (non-streaming responses; a streaming response is cancelled by
-        the server when its client disconnects)."""
+        """Yield (event, trace) until every request has finished. ``poll``: raise _ClientGone as soon as
+        the client disconnects, whether tokens are flowing or not (non-streaming responses; a streaming
+        response is cancelled by the server when its client disconnects)."""
         remaining = {r.id for r in requests}
         first = True
-        while remaining:
-            if poll:
-                try:
-                    ev, trace = await asyncio.wait_for(stream.queue.get(), timeout=0.5)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        raise _ClientGone() from None
-                    continue
-            else:
-                ev, trace = await stream.queue.get()
-            if ev.token_id is not None:
-                metrics.record_tokens(generated=1)
-                if first:
-                    metrics.record_ttft(time.perf_counter() - t0)
-                    first = False
-            if ev.finish_reason is not None:
-                remaining.discard(ev.request.id)
-            yield ev, trace
+        watcher = asyncio.ensure_future(_watch_disconnect(request, stream)) if poll else None
+        try:
+            while remaining:
+                item = await stream.queue.get()
+                if item is _Gone:
+                    raise _ClientGone()
+                ev, trace = item
+                if ev.token_id is not None:
+                    metrics.record_tokens(generated=1)
+                    if first:
+                        metrics.record_ttft(time.perf_counter() - t0)
+                        first = False
+                if ev.finish_reason is not None:
+                    remaining.discard(ev.request.id)
+                yield ev, trace
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
     async def collect(request: Request, stream: _Stream, requests: list, t0: float) -> None:
         try:
@@ -378,10 +442,11 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             # xgrammar's builtin JSON grammar takes any JSON value with free whitespace; OpenAI's json_object
             # means an object, and the compact schema grammar keeps small models out of endless whitespace
             data["response_format"] = {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}
-        for f in ("guided_json", "guided_grammar"):
-            v = data.get(f)
-            if isinstance(v, str) and v.strip() and not v.lstrip().startswith(("{", "[")) and os.path.exists(v):
-                raise ParamError(f, "must be the schema or grammar itself (this server reads no files)")
+        # sizes first (guards.Limits), before anything is parsed or compiled; a string is always the schema or
+        # grammar itself (DriverOptions.from_request never reads, nor even looks for, a file)
+        check_driver_sizes(data, limits)
+        if data.get("guided_grammar"):  # Lark or EBNF -> xgrammar's EBNF (conformance.py)
+            data["guided_grammar"] = conformance.grammar_to_ebnf(data["guided_grammar"])
         choice = data.get("guided_choice")
         if choice is not None and (not choice or not all(choice)):
             raise ParamError("guided_choice", "needs at least one choice, each a non-empty string")
@@ -402,14 +467,37 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             return opts, opts.spec()
 
     def is_streamable(opts: DriverOptions) -> bool:
-        """A constraint alone: it runs in the scheduler's continuous batch."""
-        return not (opts.beam_width is not None or opts.contrastive_amateur or opts.speculative or opts.choice)
+        """A constraint, and contrastive decoding against the model's own first K layers (the only amateur
+        this server takes): they run as rows of the scheduler's continuous batch."""
+        return not (opts.beam_width is not None or opts.speculative or opts.choice)
+
+    def contrastive_of(opts: DriverOptions | None):
+        """(K, alpha, amateur temperature) for ``Engine.make_requests``, or None."""
+        if opts is None or not opts.contrastive_amateur:
+            return None
+        return int(opts.contrastive_amateur.split(":", 1)[1]), float(opts.contrastive_alpha), 1.0
+
+    def mode_extra(opts: DriverOptions | None, spec) -> dict | None:
+        extra = {}
+        if spec is not None:
+            extra["constraint"] = spec.kind
+        if contrastive_of(opts) is not None:
+            extra["contrastive"] = {"amateur": opts.contrastive_amateur, "alpha": opts.contrastive_alpha}
+        return extra or None
 
     async def compile_spec(spec, rf):
-        from ..decoding.constraints import compile_constraint
+        """``spec`` compiled in a grammar worker (time and memory budget, bounded cache; sandbox.py)."""
+        with _driver_errors(rf):
+            return await sandbox.compile(spec)
 
-        with _driver_errors(rf):  # xgrammar compiles off the event loop (and off the runner thread)
-            return await asyncio.to_thread(compile_constraint, spec, engine)
+    app.state.compile_spec = sandbox.compile  # for other routes (the playground's views)
+
+    def driver_cost(opts: DriverOptions, params: SamplingParams, prompts: int) -> int:
+        """Rows of queue a driver run stands for: its samples, or the choices it scores (once, and once
+        more per sample when it samples)."""
+        if opts.choice:
+            return prompts * len(opts.choice) * (1 + (params.n if params.temperature > 0 else 0))
+        return prompts * params.n
 
     def encode(p, field: str = "prompt") -> list[int]:
         try:
@@ -435,7 +523,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         try:
             runner.submit(requests, stream.sink)
         except QueueFull as e:
-            raise APIError(429, str(e), type_="rate_limit_error", code="queue_full") from None
+            raise queue_full(e) from None
         with _driver_errors(rf):
             try:
                 async for _ in events(request, stream, requests, t0, poll=True):
@@ -464,11 +552,17 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         if opts.beam_width is not None and request is not None:
             return await run_beams(request, ids, params, opts, spec, rf, t0)
 
-        def work():
-            return [generate_with_driver(engine, i, params, opts) for i in ids]
+        constraint = await compile_spec(spec, rf) if spec is not None else None
 
+        def work():
+            return [generate_with_driver(engine, i, params, opts, constraint) for i in ids]
+
+        try:
+            fut = runner.call(work, cost=driver_cost(opts, params, len(ids)))
+        except QueueFull as e:
+            raise queue_full(e) from None
         with _driver_errors(rf):
-            out = await asyncio.wrap_future(runner.call(work))
+            out = await asyncio.wrap_future(fut)
         metrics.record_ttft(time.perf_counter() - t0)
         metrics.record_tokens(prompt=sum(len(i) for i in ids),
                               generated=sum(len(c.token_ids) for r, _ in out for c in r.choices))
@@ -513,6 +607,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         prompt_only = body.max_tokens == 0  # OpenAI's legacy scoring request: echo + logprobs, no new token
         params = sampling_params(body, max_tokens=1 if prompt_only else body.max_tokens or 16,
                                  logprobs=body.logprobs, echo=body.echo)
+        opts, spec = driver_options(body)  # checked even when nothing is generated
         if prompt_only:
             texts, ids_list = [prompt_text(p) for p in prompts], [g[0].prompt_ids for g in make_groups(prompts, params)]
             results = await asyncio.wrap_future(runner.call(lambda: conformance.prompt_only_results(
@@ -525,7 +620,6 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
                 return _sse_response(conform(replay_completion(resp, _include_usage(body)), body,
                                              [len(i) for i in ids_list], params.n, None, totals=resp["usage"]))
             return _json(resp)
-        opts, spec = driver_options(body)
         constraint = None
         if opts is not None and not is_streamable(opts):
             out = await run_drivers(prompts, params, opts, None, t0, request, spec)
@@ -542,7 +636,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             return _json(resp)
         if spec is not None:
             constraint = await compile_spec(spec, None)
-        groups = make_groups(prompts, params, constraint)
+        groups = make_groups(prompts, params, constraint, contrastive_of(opts))
         plp = await prompt_lps(body.prompt_logprobs, [g[0].prompt_ids for g in groups])
         stream, requests = submit(groups)
         n = params.n
@@ -560,7 +654,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         results = [GenerationResult(text, g[0].prompt_ids, [_completion(r) for r in g])
                    for text, g in zip(texts, groups, strict=True)]
         resp = completion_response(tok, model, results, echo=bool(body.echo), logprobs=want_lp,
-                                   extra={"constraint": spec.kind} if spec is not None else None)
+                                   extra=mode_extra(opts, spec))
         return _json(conformance.add_prompt_logprobs(resp, plp, n) if plp is not None else resp)
 
     async def replay_completion(resp: dict, include_usage: bool):
@@ -642,11 +736,11 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         body = await read_body(request, schemas.ChatRequest)
         model = check_model(body.model)
         conformance.check_request(body)
-        try:
-            prompt = engine.chat_prompt_ids([m.as_dict() for m in body.messages])  # content as text
-        except Exception as e:  # the template may raise on a conversation it does not support
-            raise APIError(400, f"messages: the chat template cannot render them: {e}", param="messages",
-                           code="invalid_value") from None
+        tool_plan = tools.plan(body)  # tools, tool_choice, parallel_tool_calls (tools.py)
+        messages, variables = tools.conversation([m.as_dict() for m in body.messages], tool_plan,
+                                                 getattr(tok, "chat_template", None))
+        # content as text (Engine.chat_prompt_ids), rendered in a template worker: bounded, off the event loop
+        prompt = await sandbox.chat_ids(messages, variables=variables)
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise ParamError("max_completion_tokens", "give max_completion_tokens or max_tokens, not both")
         if body.top_logprobs is not None and not body.logprobs:
@@ -662,6 +756,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         params = sampling_params(body, max_tokens=max_tokens, logprobs=lp)
         rf = body.response_format
         opts, spec = driver_options(body)
+        tools.check_drivers(tool_plan, opts)
         constraint = None
         if opts is not None and not is_streamable(opts):
             out = await run_drivers([prompt], params, opts, rf, t0, request, spec)
@@ -676,8 +771,10 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             return _json(resp)
         if spec is not None:
             constraint = await compile_spec(spec, rf)
+        if tool_plan is not None and tool_plan.forced:  # tool_choice required / named: the call schema
+            constraint = await tools.compile_calls(compile_spec, tool_plan, limits.max_guided_bytes)
         try:
-            groups = make_groups([prompt], params, constraint)
+            groups = make_groups([prompt], params, constraint, contrastive_of(opts))
         except ParamError as e:
             if getattr(e, "field", None) == "logprobs":
                 raise APIError(400, str(e), param="top_logprobs", code="invalid_value") from None
@@ -685,8 +782,9 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         plp = await prompt_lps(body.prompt_logprobs, [groups[0][0].prompt_ids])
         stream, requests = submit(groups)
         if body.stream:
-            return _sse_response(conform(stream_chat(request, stream, requests, groups, model, bool(body.logprobs),
-                                                     _include_usage(body), t0),
+            return _sse_response(conform(tools.stream_calls(stream_chat(request, stream, requests, groups, model,
+                                                                        bool(body.logprobs), _include_usage(body), t0),
+                                                            tool_plan, sse),
                                          body, [len(groups[0][0].prompt_ids)], params.n, plp, chat=True))
         try:
             await collect(request, stream, requests, t0)
@@ -705,10 +803,10 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             if r.error:
                 choice["error"] = r.error
             choices.append(choice)
+        tools.finish_choices(tool_plan, choices)  # content and tool_calls read from the text
         resp = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
                 "created": int(time.time()), "model": model, "choices": choices, "usage": usage(groups)}
-        if spec is not None:
-            resp["constraint"] = spec.kind
+        resp.update(mode_extra(opts, spec) or {})
         if plp is not None:
             conformance.add_prompt_logprobs(resp, plp, 1, chat=True)
         return _json(resp)
@@ -807,12 +905,10 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         if body.messages is not None:
             if not body.messages:
                 raise ParamError("messages", "must not be empty")
-            try:  # as the chat route encodes them: message content as text
-                ids = tok.encode_chat([m.as_dict() for m in body.messages],
-                                      add_special_tokens=body.add_special_tokens)
-            except Exception as e:
-                raise APIError(400, f"messages: the chat template cannot render them: {e}", param="messages",
-                               code="invalid_value") from None
+            # as the chat route encodes them: message content as text, in a template worker
+            messages, variables = tools.conversation([m.as_dict() for m in body.messages], None,
+                                                     getattr(tok, "chat_template", None))
+            ids = await sandbox.chat_ids(messages, body.add_special_tokens, variables=variables)
         else:
             try:
                 ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
