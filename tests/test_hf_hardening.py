@@ -9,11 +9,10 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_weights import write_hf_dir
 
 from logitlab.weights import load_weights
 from logitlab.weights.hf_loader import load_hf_dir
-
-from test_weights import write_hf_dir
 
 
 @pytest.fixture(scope="module")
