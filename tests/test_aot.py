@@ -281,10 +281,10 @@ def test_frame_reverses_the_whole_row_backwards():
 def test_document_nll_matches_a_direct_computation():
     from tiny import tiny_model
 
-    model = tiny_model(seed=1, vocab_size=300, context_length=16)
+    model = tiny_model(seed=1, vocab_size=300, context_length=32)  # longer than the pieces: they must be cut
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 300, size=n) for n in (5, 9, 16, 17, 40)]  # the last two need several pieces
-    nll, cnt = aot.document_nll(model, seqs, batch=2)
+    nll, cnt = aot.document_nll(model, seqs, seq_len=16, batch=2)
     assert cnt.tolist() == [len(s) - 1 for s in seqs]
     for s, got in zip(seqs, nll, strict=True):
         want = 0.0

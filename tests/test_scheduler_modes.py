@@ -131,3 +131,30 @@ def test_contrastive_rows_in_the_scheduler_equal_the_contrastive_loop(engine, te
     while engine.scheduler.has_work():
         engine.scheduler.step()
     assert plain[0].finished and engine.scheduler.cache.used_blocks() == 0
+
+
+@pytest.mark.parametrize("draft", ["ngram", "early-exit:1"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_speculative_rows_in_the_scheduler_equal_the_speculative_loop(engine, draft, temperature):
+    """Speculative decoding as scheduler rows (verification over the paged cache, commits through the one
+    stop policy) gives the loop's tokens exactly, batched beside an ordinary request."""
+    from logitlab.decoding.cli_ext import spec_group
+    from logitlab.decoding.speculative import speculative_generate
+
+    ids = engine.encode_prompt("one two three one two three one two")
+    params = SamplingParams(max_tokens=14, temperature=temperature, seed=7, n=2, ignore_eos=True)
+    loop = speculative_generate(engine.model, draft, ids, params, num_speculative_tokens=3,
+                                eos_token_ids=sorted(engine.tokenizer.eos_token_ids))
+    sched = engine.scheduler
+    plain = engine.make_requests("a neighbour", SamplingParams(max_tokens=12, temperature=0.7, seed=1))
+    group = spec_group(engine, ids, params, DriverOptions(speculative=draft, num_speculative_tokens=3))
+    sched.add(plain)
+    sched.add(group.requests)
+    while not all(r.finished for r in group.requests):
+        events = sched.step()
+        assert all(e.request.finish_reason != "error" for e in events)
+    assert [r.output_ids for r in group.requests] == loop.token_ids
+    assert group.stats.generated == sum(len(t) for t in loop.token_ids) and group.stats.rounds <= 14
+    while sched.has_work():
+        sched.step()
+    assert plain[0].finished and sched.cache.used_blocks() == 0

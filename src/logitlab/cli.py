@@ -331,10 +331,10 @@ def cmd_dist(a: argparse.Namespace) -> int:
 
 def cmd_game(a: argparse.Namespace) -> int:
     """The summarization game (seed 001): CE of the paragraph after each --prefix, and a --search."""
-    from .game import _check_search, format_game, play, search_prefix, to_dict
+    from .game import check_search, format_game, play, search_prefix, to_dict
 
     if a.search is not None:  # ranges first, before any model is loaded
-        _check_search(a.search, a.budget, a.width, a.top_k, a.paragraph_k)
+        check_search(a.search, a.budget, a.width, a.top_k, a.paragraph_k)
     for p in a.prefix:
         _check_text("prefix", p)
     try:
@@ -362,7 +362,10 @@ def cmd_game(a: argparse.Namespace) -> int:
             out["search"] = to_dict(engine.tokenizer, results[1])["search"]
         print(json.dumps(out, ensure_ascii=False, indent=2))
         return 0
-    print("\n\n".join(format_game(engine.tokenizer, r, color=color) for r in results))
+    print(format_game(engine.tokenizer, results[0], color=color))
+    if len(results) > 1:
+        print(f"\n--- {a.search} search for a prefix of at most {a.budget} token{'' if a.budget == 1 else 's'}:")
+        print(format_game(engine.tokenizer, results[1], color=color, header=False))
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 import time
 
 import torch
@@ -144,12 +145,12 @@ def demo_repetition(engine, out=sys.stdout, plot=None, max_tokens: int = 40, con
         _print(out, "  ..." + r["text"])
     if plot:
         plt = _plt()
-        fig, ax = plt.subplots(figsize=(8, 3.4))
+        fig, ax = plt.subplots(figsize=(8, 4))
         names = [n for n in result if n != "natural loop"]
         ax.barh(range(len(names)), [result[n]["distinct_4grams"] for n in names], color="tab:blue")
         for i, n in enumerate(names):
             ax.text(0.01, i, f"'leg press' x{result[n]['leg_press']}", va="center", color="white", fontsize=8)
-        ax.set_yticks(range(len(names)), [n if len(n) <= 46 else n[:44] + "…" for n in names], fontsize=7)
+        ax.set_yticks(range(len(names)), [textwrap.fill(n, 32) for n in names], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlim(0, 1)
         ax.set_xlabel(f"distinct 4-grams in the {max_tokens}-token greedy continuation")
@@ -242,7 +243,7 @@ def demo_epsilon(engine, out=sys.stdout, plot=None, prompt: str = ONCE, epsilons
         result[name] = [x.text for x in c]
         _print(out, f"--- {samples} samples, {name} (same seeds):")
         for x in c:
-            _print(out, f"    {prompt}{x.text!r}")
+            _print(out, "    " + (prompt + x.text).replace("\n", "\\n"))
     if plot:
         plt = _plt()
         fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -254,7 +255,7 @@ def demo_epsilon(engine, out=sys.stdout, plot=None, prompt: str = ONCE, epsilons
         ax.set_xlabel("rank")
         ax.set_ylabel("probability (log scale)")
         ax.set_title(f"epsilon sampling after {prompt!r}", fontsize=10)
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="lower left")  # the curve falls from top left: this corner is empty
         _savefig(fig, plot, out)
     return result
 
@@ -278,9 +279,9 @@ def demo_fewshot(engine, out=sys.stdout, plot=None) -> dict:
     else:
         ours = engine.score(text, context=TRANSLATION).total_logprob if text.strip() else float("nan")
         slide = engine.score(SLIDE_TRANSLATION, context=TRANSLATION).total_logprob
-        _print(out, f"NOT the slide's result: the slide shows{SLIDE_TRANSLATION!r}; {engine.name} does not reproduce "
-                    f"it and writes {text.strip()!r} instead (log P: the slide's {slide:.2f}, the model's own "
-                    f"{ours:.2f} nats).")
+        _print(out, f"NOT the slide's result: the slide shows {SLIDE_TRANSLATION.strip()!r}; {engine.name} does not "
+                    f"reproduce it and writes {text.strip()!r} instead (log P: the slide's {slide:.2f}, the "
+                    f"model's own {ours:.2f} nats).")
     if plot:
         plt = _plt()
         fig, ax = plt.subplots(figsize=(7, 3))
@@ -291,9 +292,10 @@ def demo_fewshot(engine, out=sys.stdout, plot=None) -> dict:
         ax.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(res))],
                       [r.input if len(r.input) < 30 else r.input[:28] + "…" for r in res], fontsize=8)
         ax.set_ylabel("label probability")
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.25)  # headroom: the legend sits above the bars, never on them
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
         ax.set_title("few-shot sentiment: the label probabilities", fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", ncols=len(labels))
         _savefig(fig, plot, out)
     return {"sentiment": [(r.input, r.label, r.probs) for r in res], "translation": text.strip(),
             "translation_matches_slide": matches}
@@ -306,7 +308,7 @@ def _yes_no(engine, question: str, constraint) -> dict:
     ids = engine.chat_prompt_ids([{"role": "user", "content": question}])
     lp = torch.log_softmax(engine.next_token_logits(ids).float(), -1)
     top = lp.topk(8)
-    free, _ = _gen(engine, ids, max_tokens=16, temperature=0.0)
+    free, _ = _gen(engine, ids, max_tokens=12, temperature=0.0)
     restricted = engine.generate(ids, SamplingParams(max_tokens=4, temperature=0.0), constraint=constraint)
     words = ["Yes", "yes", "No", "no"]
     ch = choose(engine, ids, [tok.encode(w, add_special_tokens=False) for w in words])
@@ -353,9 +355,10 @@ def demo_yesno(engine, out=sys.stdout, plot=None) -> dict:
         axes[1].bar([i - 0.2 for i in range(len(qs))], [result[q]["p_yes"] for q in qs], 0.4, label="yes")
         axes[1].bar([i + 0.2 for i in range(len(qs))], [result[q]["p_no"] for q in qs], 0.4, label="no")
         axes[1].set_xticks(range(len(qs)), qs, fontsize=8)
-        axes[1].set_ylim(0, 1)
+        axes[1].set_ylim(0, 1.25)  # headroom: the legend sits above the bars, never on them
+        axes[1].set_yticks([0, 0.25, 0.5, 0.75, 1.0])
         axes[1].set_title("restricted to yes / no", fontsize=9)
-        axes[1].legend(fontsize=8)
+        axes[1].legend(fontsize=8, loc="upper center", ncols=2)
         _savefig(fig, plot, out)
     return result
 
@@ -387,7 +390,7 @@ def _plot_beam(steps: list[dict], prompt: str, width: int, plot, out, max_steps:
     """The search tree: x = step, y = log-probability of the prefix; every candidate a gray dot labelled with
     its new text, the kept beams blue and joined to their parents."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(11, 5))
+    fig, ax = plt.subplots(figsize=(11, 6.5))
     parents = [("", 0.0)]  # (text, logprob) of the rows expanded at this step; the prompt first
     ax.plot([0], [0], "o", color="tab:blue")
     ax.annotate(prompt if len(prompt) < 30 else "…" + prompt[-28:], (0, 0), fontsize=7, xytext=(3, 3),
@@ -515,7 +518,7 @@ def demo_game(engine, out=sys.stdout, plot=None, paragraph: str = GAME_PARAGRAPH
     _print(out, f"paragraph: {paragraph}")
     _print(out, format_game(engine.tokenizer, res, color=color))
     _print(out, f"\n--- a greedy search for a prefix of at most {budget} tokens:")
-    _print(out, format_game(engine.tokenizer, found, color=color))
+    _print(out, format_game(engine.tokenizer, found, color=color, header=False))
     if plot:
         plt = _plt()
         import numpy as np
@@ -609,9 +612,11 @@ def check_demo(name: str, plot: str | None = None) -> None:
         raise ParamError("plot", f"no directory to write {plot!r} in")
 
 
-def run_demo(name: str, engine=None, out=sys.stdout, plot: str | None = None, **kwargs) -> dict:
-    """Run one demo (loading the default model unless ``engine`` is given or the demo needs none)."""
+def run_demo(name: str, engine=None, out=None, plot: str | None = None, **kwargs) -> dict:
+    """Run one demo (loading the default model unless ``engine`` is given or the demo needs none), printing
+    to ``out`` (default: the current ``sys.stdout``)."""
     check_demo(name, plot)
+    out = sys.stdout if out is None else out
     if engine is None and name not in NO_ENGINE:
         from .engine import Engine
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decoding.yield_point import yield_point
 from .engine import start_token
 from .sampling import ParamError
 
@@ -149,6 +150,7 @@ class _Scorer:
                 first = lp[:, 0].masked_fill(self.banned, -math.inf)  # the distribution right after the prefix
                 nxt += first.topk(min(top_k, V), -1).indices.tolist()
             del logits, lp
+            yield_point()  # on the server: let the scheduler run a decode step between two of our forwards
         return out, nxt
 
     def prefix_score(self, ids: list[int], lps: list[float], text: str | None = None) -> PrefixScore:
@@ -169,7 +171,7 @@ def play(engine, paragraph: str, prefixes: list[str] | None = None) -> GameResul
     return GameResult(paragraph, sc.ids, sc.start, baseline, scores, sc.forwards)
 
 
-def _check_search(search: str, budget: int, width: int, top_k: int, paragraph_k: int) -> None:
+def check_search(search: str, budget: int, width: int, top_k: int, paragraph_k: int) -> None:
     if search not in ("greedy", "beam"):
         raise ParamError("search", f"must be 'greedy' or 'beam', got {search!r}")
 
@@ -189,7 +191,7 @@ def search_prefix(engine, paragraph: str, budget: int = 4, search: str = "greedy
                   top_k: int = 16, paragraph_k: int = 32) -> SearchResult:
     """Look for a prefix of at most ``budget`` tokens that lowers the paragraph's cross-entropy most (see the
     module docstring). ``width``: prefixes kept per step by ``beam`` (``greedy`` keeps 1)."""
-    _check_search(search, budget, width, top_k, paragraph_k)
+    check_search(search, budget, width, top_k, paragraph_k)
     sc = _Scorer(engine, paragraph)
     sc.check_length(budget)
     (base_lps,), (base_next,) = sc.score([[]], top_k=max(top_k, 1))
@@ -272,18 +274,22 @@ def _most_surprising(tokenizer, ids, lps, n: int = 6) -> str:
 
 def _describe(s: PrefixScore, base: PrefixScore | None) -> str:
     gain = "" if base is None else f", {base.cross_entropy - s.cross_entropy:+.2f} nats saved vs no prefix"
-    return (f"prefix {s.prefix!r} ({len(s.prefix_ids)} tokens): CE {s.cross_entropy:.2f} nats "
+    n = len(s.prefix_ids)
+    return (f"prefix {s.prefix!r} ({n} token{'' if n == 1 else 's'}): CE {s.cross_entropy:.2f} nats "
             f"({s.per_token:.3f} nats/token){gain}")
 
 
-def format_game(tokenizer, result: GameResult | SearchResult, color: bool = False) -> str:
-    """The report printed by ``logitlab game``: one block per prefix (the empty one first)."""
-    lines = [f"paragraph: {len(result.paragraph_ids)} tokens, each row conditioned on "
-             f"{result.conditioned_on['token']!r} ({result.conditioned_on['kind'].upper()}, id "
-             f"{result.conditioned_on['id']})"]
-    if color:
-        lines.append(legend(True))
-    shown = [(result.baseline, None)]
+def format_game(tokenizer, result: GameResult | SearchResult, color: bool = False, header: bool = True) -> str:
+    """The report printed by ``logitlab game``: one block per prefix, the empty one first (``header=False``:
+    without the paragraph line, the legend and the empty prefix, for a search shown after ``play``'s report)."""
+    lines = []
+    if header:
+        lines.append(f"paragraph: {len(result.paragraph_ids)} tokens, each row conditioned on "
+                     f"{result.conditioned_on['token']!r} ({result.conditioned_on['kind'].upper()}, id "
+                     f"{result.conditioned_on['id']})")
+        if color:
+            lines.append(legend(True))
+    shown = [(result.baseline, None)] if header else []
     if isinstance(result, GameResult):
         shown += [(s, result.baseline) for s in result.scores]
     else:
@@ -291,7 +297,7 @@ def format_game(tokenizer, result: GameResult | SearchResult, color: bool = Fals
             lines.append(f"  {result.search} step {st['length']}: {st['candidates']} candidates, best "
                          f"{st['best_prefix']!r} CE {st['cross_entropy']:.2f}")
         shown.append((result.best, result.baseline))
-        lines.append(f"  ({result.scored} prefixes scored in {result.forwards} batched forwards)")
+        lines.append(f"  ({result.scored} prefixes and the empty one scored in {result.forwards} batched forwards)")
     for s, base in shown:
         lines.append("--- " + _describe(s, base))
         if color:

@@ -65,6 +65,8 @@ class BeamGroup:
     Reordering is a swap of block tables: a new beam takes a share of its parent's table (no key or
     value is copied; the shared last block is copied on its next write)."""
 
+    kind = "beam"
+
     def __init__(self, prompt_ids: list[int], width: int, length_penalty: float, max_tokens: int, n: int,
                  eos_token_ids, vocab_size: int, params: SamplingParams | None = None,
                  constraint: Constraint | None = None, trace: bool = False, early_stop: bool = True):

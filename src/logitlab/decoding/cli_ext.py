@@ -49,6 +49,7 @@ class DriverOptions:
     regex: str | None = None
     grammar: str | None = None  # EBNF text or file name
     choice: list[str] | None = None
+    read_files: bool = True  # json_schema / grammar may name a file (CLI); a server request's never do
 
     def requested(self) -> bool:
         return any([self.beam_width is not None, self.contrastive_amateur, self.speculative,
@@ -92,7 +93,7 @@ class DriverOptions:
             contrastive_amateur=contrastive.get("amateur"), contrastive_alpha=contrastive.get("alpha", 0.1),
             speculative=speculative.get("draft"), num_speculative_tokens=speculative.get("num_tokens", 4),
             json_schema=schema, json_object=json_object, regex=body.get("guided_regex"),
-            grammar=body.get("guided_grammar"), choice=choice)
+            grammar=body.get("guided_grammar"), choice=choice, read_files=False)
 
     def validate(self) -> None:
         modes = [m for m, on in (("beam_width", self.beam_width is not None),
@@ -120,6 +121,7 @@ class DriverOptions:
         from .constraints import spec_from_options
 
         return spec_from_options(json_schema=self.json_schema, regex=self.regex, grammar=self.grammar,
+                                 read_files=self.read_files,
                                  json_object=self.json_object)
 
 
@@ -170,6 +172,34 @@ def beam_group(engine, prompt_ids: list[int], params: SamplingParams, opts: Driv
     return group
 
 
+def spec_group(engine, prompt_ids: list[int], params: SamplingParams, opts: DriverOptions):
+    """Speculative decoding for ``engine.scheduler``: the group, whose ``requests`` (one per sample) stream
+    their tokens as they are accepted. The draft: ``early-exit:K``, ``int8``, ``ngram[:N]``."""
+    from ..engine import next_group
+    from .constraints import sample_seeds
+    from .scheduler import Request
+    from .speculative import SpecGroup, make_draft
+
+    draft = make_draft(opts.speculative, engine.model, load=None)
+    seeds = sample_seeds(params, params.n)
+    group = SpecGroup(prompt_ids, params, seeds, draft, opts.num_speculative_tokens,
+                      sorted(engine.tokenizer.eos_token_ids), engine.vocab_size, engine.max_len)
+    gid = next_group()
+    group.requests = [Request(list(prompt_ids), params, seeds[i], group=gid, index=i, spec=group)
+                      for i in range(params.n)]
+    return group
+
+
+def spec_completion(engine, prompt_ids, params: SamplingParams, opts: DriverOptions, group):
+    """(GenerationResult, extra) of a finished speculative group: the samples and the draft's statistics."""
+    res = _completions(engine, prompt_ids, params, [r.output_ids for r in group.requests],
+                       [r.finish_reason for r in group.requests])
+    stats = group.stats.to_dict()
+    stats["draft"] = opts.speculative
+    stats["num_speculative_tokens"] = opts.num_speculative_tokens
+    return res, {"speculative": stats}
+
+
 def beam_completion(engine, prompt_ids, params: SamplingParams, opts: DriverOptions, group):
     """(GenerationResult, extra) of a decided beam search: the hypotheses best first, their scores."""
     hyps = group.result(engine.tokenizer).hypotheses
@@ -179,17 +209,19 @@ def beam_completion(engine, prompt_ids, params: SamplingParams, opts: DriverOpti
     return res, extra
 
 
-def generate_with_driver(engine, prompt, params: SamplingParams, opts: DriverOptions):
+def generate_with_driver(engine, prompt, params: SamplingParams, opts: DriverOptions, constraint=None):
     """Run ``prompt`` with the decoding-driver options. Returns (GenerationResult, extra) where ``extra`` holds
     the JSON fields to add to the response (``speculative`` statistics, ``beam`` scores, ``choice``
-    probabilities)."""
+    probabilities). ``constraint``: the options' constraint already compiled (a server compiles it in a
+    bounded worker process); else it is compiled here."""
     opts.validate()
     prompt_ids = engine.encode_prompt(prompt)
     params.validate(engine.vocab_size, context_length=engine.max_len, prompt_len=len(prompt_ids),
                     eos_token_ids=sorted(engine.tokenizer.eos_token_ids))
     spec = opts.spec()
-    constraint = None
-    if spec is not None:
+    if spec is None:
+        constraint = None
+    elif constraint is None:
         from .constraints import compile_constraint
 
         constraint = compile_constraint(spec, engine)
@@ -226,16 +258,12 @@ def generate_with_driver(engine, prompt, params: SamplingParams, opts: DriverOpt
                                    params=params, constraint=constraint)
         res = _completions(engine, prompt_ids, params, out.token_ids, out.finish_reasons)
         return res, {"contrastive": {"amateur": opts.contrastive_amateur, "alpha": opts.contrastive_alpha}}
-    if opts.speculative:
-        from .speculative import speculative_generate
-
-        out = speculative_generate(engine, opts.speculative, prompt_ids, params,
-                                   num_speculative_tokens=opts.num_speculative_tokens)
-        res = _completions(engine, prompt_ids, params, out.token_ids, out.finish_reasons)
-        stats = out.stats.to_dict()
-        stats["draft"] = opts.speculative
-        stats["num_speculative_tokens"] = opts.num_speculative_tokens
-        return res, {"speculative": stats}
+    if opts.speculative:  # a mode of the engine's scheduler: step it until every sample has finished
+        group = spec_group(engine, prompt_ids, params, opts)
+        engine.scheduler.add(group.requests)
+        while not all(r.finished for r in group.requests):
+            engine.scheduler.step()
+        return spec_completion(engine, prompt_ids, params, opts, group)
     # A constraint alone runs in the engine's own continuous batch (it streams like any request).
     res = engine.generate(prompt_ids, params, constraint=constraint)[0]
     res.prompt = prompt if isinstance(prompt, str) else res.prompt

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -142,9 +143,9 @@ _FIELD = {"json_schema": "json_schema", "json_object": "response_format", "regex
           "grammar": "grammar", "choice": "choice"}
 
 
-def _read_text(value: str, field: str) -> str:
-    """``value`` itself, or the contents of the file it names."""
-    if value and not value.lstrip().startswith(("{", "[")) and os.path.isfile(value):
+def _read_text(value: str, field: str, read_files: bool) -> str:
+    """``value`` itself, or (``read_files``: the CLI, the Python API) the contents of the file it names."""
+    if read_files and value and not value.lstrip().startswith(("{", "[")) and os.path.isfile(value):
         try:
             with open(value, encoding="utf-8") as f:
                 return f.read()
@@ -153,10 +154,12 @@ def _read_text(value: str, field: str) -> str:
     return value
 
 
-def spec_from_options(json_schema=None, regex=None, grammar=None, choice=None, json_object=False
-                      ) -> ConstraintSpec | None:
+def spec_from_options(json_schema=None, regex=None, grammar=None, choice=None, json_object=False,
+                      read_files: bool = True) -> ConstraintSpec | None:
     """One spec from CLI flags / request fields (at most one may be set). ``json_schema`` may be a dict,
-    a JSON string or a file name; ``grammar`` EBNF text or a file name."""
+    a JSON string or (``read_files``) a file name; ``grammar`` EBNF text or (``read_files``) a file name.
+    A server passes ``read_files=False``: a request's string is always the schema or grammar itself, and
+    the file system is not even looked at (no probing which paths exist)."""
     given = [k for k, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar),
                             ("choice", choice), ("json_object", json_object)) if v]
     if not given:
@@ -167,7 +170,7 @@ def spec_from_options(json_schema=None, regex=None, grammar=None, choice=None, j
         if isinstance(json_schema, dict):
             text = json.dumps(json_schema)
         else:
-            text = _read_text(str(json_schema), "json_schema")
+            text = _read_text(str(json_schema), "json_schema", read_files)
             try:
                 parsed = json.loads(text)
             except json.JSONDecodeError as e:
@@ -178,7 +181,7 @@ def spec_from_options(json_schema=None, regex=None, grammar=None, choice=None, j
     if regex:
         return ConstraintSpec("regex", regex).validate()
     if grammar:
-        return ConstraintSpec("grammar", _read_text(grammar, "grammar")).validate()
+        return ConstraintSpec("grammar", _read_text(grammar, "grammar", read_files)).validate()
     if choice:
         return ConstraintSpec("choice", tuple(choice)).validate()
     return ConstraintSpec("json_object")
@@ -192,7 +195,8 @@ _COMPILERS: dict[int, tuple[object, object]] = {}
 def _compiler(info):
     hit = _COMPILERS.get(id(info))
     if hit is None or hit[0] is not info:
-        hit = (info, _xgr().GrammarCompiler(info))
+        # xgrammar's own cache keeps every grammar ever compiled (unbounded); GrammarCache below is bounded
+        hit = (info, _xgr().GrammarCompiler(info, cache_enabled=False))
         _COMPILERS[id(info)] = hit
     return hit[1]
 
@@ -202,6 +206,75 @@ def choice_grammar(choices: Sequence[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
+def compile_with(compiler, spec: ConstraintSpec, any_whitespace: bool = False):
+    """``spec`` compiled by an ``xgrammar.GrammarCompiler`` (an xgrammar ``CompiledGrammar``); a grammar that
+    does not compile is a ParamError naming the request field. Out of memory is ``MemoryError``."""
+    spec.validate()
+    try:
+        if spec.kind == "json_schema":
+            return compiler.compile_json_schema(spec.value, any_whitespace=any_whitespace)
+        if spec.kind == "json_object":
+            return compiler.compile_builtin_json_grammar()
+        if spec.kind == "regex":
+            return compiler.compile_regex(spec.value)
+        if spec.kind == "grammar":
+            return compiler.compile_grammar(spec.value)
+        return compiler.compile_grammar(choice_grammar(spec.value))
+    except RuntimeError as e:
+        if "bad_alloc" in str(e):  # xgrammar's C++ ran out of memory (e.g. under RLIMIT_AS)
+            raise MemoryError(str(e)) from None
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "does not compile"
+        reason = reason.split("] ", 1)[-1] if reason.startswith("[") else reason
+        raise ParamError(_FIELD[spec.kind], f"does not compile: {reason}") from None
+
+
+class GrammarCache:
+    """Compiled constraints, least recently used out first, bounded in bytes (xgrammar's own measure of a
+    compiled grammar: its token-mask cache and automata). Keyed by ``grammar_key``. Thread-safe."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        import threading
+
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._items: OrderedDict = OrderedDict()  # key -> (Constraint, bytes)
+        self.bytes = 0
+
+    def get(self, key):
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None:
+                return None
+            self._items.move_to_end(key)
+            return hit[0]
+
+    def put(self, key, constraint: Constraint) -> None:
+        """Keep ``constraint`` unless it alone is larger than the whole cache; evict the oldest to fit."""
+        size = constraint.nbytes
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            if size > self.max_bytes:
+                return
+            self._items[key] = (constraint, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.bytes -= dropped
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def grammar_key(spec: ConstraintSpec, info, any_whitespace: bool = False) -> tuple:
+    """What a compiled grammar depends on: the vocabulary (its TokenizerInfo), the constraint, the options."""
+    return id(info), spec.kind, spec.value, any_whitespace
+
+
+DEFAULT_CACHE = GrammarCache()  # compile_constraint's (the CLI's and the Python API's)
+
+
 class Constraint:
     """A grammar compiled for one vocabulary. ``start()`` gives a fresh per-sequence state."""
 
@@ -209,28 +282,25 @@ class Constraint:
         self.compiled, self.info, self.spec = compiled, info, spec
         self.vocab_size = info.vocab_size
 
+    @property
+    def nbytes(self) -> int:
+        """The compiled grammar's memory, as xgrammar counts it."""
+        return int(self.compiled.memory_size_bytes)
+
+    def serialize(self) -> str:
+        """The compiled grammar as JSON (``from_serialized`` reads it back against the same vocabulary)."""
+        return self.compiled.serialize_json()
+
+    @classmethod
+    def from_serialized(cls, data: str, info, spec: ConstraintSpec | None = None) -> Constraint:
+        """A grammar compiled elsewhere (a worker process) for the vocabulary ``info``."""
+        return cls(_xgr().CompiledGrammar.deserialize_json(data, info), info, spec)
+
     @classmethod
     def from_spec(cls, spec: ConstraintSpec, info, any_whitespace: bool = False) -> Constraint:
         """Compile ``spec``. ``any_whitespace=False`` makes JSON compact (``{"a": 1}``-style separators
         only), which keeps small models from wandering into endless whitespace."""
-        spec.validate()
-        comp = _compiler(info)
-        try:
-            if spec.kind == "json_schema":
-                compiled = comp.compile_json_schema(spec.value, any_whitespace=any_whitespace)
-            elif spec.kind == "json_object":
-                compiled = comp.compile_builtin_json_grammar()
-            elif spec.kind == "regex":
-                compiled = comp.compile_regex(spec.value)
-            elif spec.kind == "grammar":
-                compiled = comp.compile_grammar(spec.value)
-            else:
-                compiled = comp.compile_grammar(choice_grammar(spec.value))
-        except RuntimeError as e:
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else "does not compile"
-            reason = reason.split("] ", 1)[-1] if reason.startswith("[") else reason
-            raise ParamError(_FIELD[spec.kind], f"does not compile: {reason}") from None
-        return cls(compiled, info, spec)
+        return cls(compile_with(_compiler(info), spec, any_whitespace), info, spec)
 
     @classmethod
     def json_schema(cls, schema, info, any_whitespace: bool = False) -> Constraint:
@@ -455,15 +525,30 @@ def _as_distribution(p):
 
 # ---- compile against a model's tokenizer, and a constrained decode loop ------------------------------
 
-def compile_constraint(spec: ConstraintSpec, tokenizer_or_engine, vocab_size: int | None = None,
-                       eos_token_ids=None) -> Constraint:
-    """Compile ``spec`` for an Engine (its tokenizer and vocabulary size), our Tokenizer, a
-    ``tokenizers.Tokenizer`` or a list of token strings."""
+def engine_tokenizer_info(tokenizer_or_engine, vocab_size: int | None = None, eos_token_ids=None):
+    """The TokenizerInfo of an Engine (its tokenizer, its LM head's vocabulary size) or of a tokenizer."""
     tok = getattr(tokenizer_or_engine, "tokenizer", None) if hasattr(tokenizer_or_engine, "model") else None
     if tok is not None:
         vocab_size = vocab_size or tokenizer_or_engine.model.config.vocab_size
         tokenizer_or_engine = tok
-    return Constraint.from_spec(spec, tokenizer_info(tokenizer_or_engine, vocab_size, eos_token_ids))
+    return tokenizer_info(tokenizer_or_engine, vocab_size, eos_token_ids)
+
+
+def compile_constraint(spec: ConstraintSpec, tokenizer_or_engine, vocab_size: int | None = None,
+                       eos_token_ids=None, cache: GrammarCache | None = DEFAULT_CACHE) -> Constraint:
+    """Compile ``spec`` for an Engine (its tokenizer and vocabulary size), our Tokenizer, a
+    ``tokenizers.Tokenizer`` or a list of token strings, in this process (no time or memory budget: a
+    server compiles requests' grammars in a worker process, ``logitlab.server.sandbox``). Compiled grammars
+    are kept in ``cache`` (bounded, least recently used out; None: not kept)."""
+    info = engine_tokenizer_info(tokenizer_or_engine, vocab_size, eos_token_ids)
+    key = grammar_key(spec, info)
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None and hit.info is info:
+        return hit
+    constraint = Constraint.from_spec(spec, info)
+    if cache is not None:
+        cache.put(key, constraint)
+    return constraint
 
 
 @dataclass

@@ -61,6 +61,7 @@ class Request:
     cancelled: bool = False
     constraint: object = None  # a constraints.ConstraintState: grammar / JSON schema / regex position
     beam: object = None  # a beam.BeamGroup this request is one hypothesis of (the group holds the rows)
+    spec: object = None  # a speculative.SpecGroup this request is one row of
     # contrastive decoding against the model's own first K layers: (K, alpha, amateur temperature); the
     # row samples from the contrastive scores (decoding/contrastive.py) read from the same forward pass
     contrastive: tuple[int, float, float] | None = None
@@ -136,26 +137,31 @@ class Scheduler:
         """Queue requests (checked by ``check_fits`` in ``Engine.make_requests``); the ``n`` samples of
         one prompt are added together (same group). The hypotheses of a beam search queue their group."""
         for r in requests:
-            if r.beam is None:
+            group = r.beam or r.spec
+            if group is None:
                 self.waiting.append(r)
-            elif r is r.beam.requests[0]:
-                self.add_beam(r.beam)
+            elif r is group.requests[0]:
+                self.add_beam(group)
 
     def add_beam(self, group) -> None:
-        """Queue a beam search (``beam.BeamGroup``): ``width`` rows of the batch once admitted."""
+        """Queue a beam search (``beam.BeamGroup``) or a speculative decode (``speculative.SpecGroup``):
+        ``group.W`` rows of the batch once admitted."""
+        field_name = "beam_width" if group.kind == "beam" else "n"
         if self.cache is None:
-            raise ParamError("beam_width", "beam search needs the KV cache (not --no-kv-cache)")
+            raise ParamError(field_name, f"{group.kind} decoding needs the KV cache (not --no-kv-cache)")
         if group.W > self.max_batch:
-            raise ParamError("beam_width", f"must be at most {self.max_batch} (the largest batch), got {group.W}")
+            raise ParamError(field_name, f"must be at most {self.max_batch} (the largest batch), got {group.W}")
         need = self._group_blocks(group)
         if need > self.cache.capacity - 1:
-            raise ParamError("beam_width", f"beam_width x (prompt + max_tokens) needs {need} KV blocks; the pool "
+            raise ParamError(field_name, f"{group.W} rows x (prompt + max_tokens) need {need} KV blocks; the pool "
                              f"holds {self.cache.capacity - 1} (raise --kv-memory)")
         self.waiting.append(group)
 
     def _group_blocks(self, group) -> int:
-        return group.W * self._worst_blocks(len(group.prompt_ids), group.max_tokens) + \
-            self.cache.blocks_for(len(group.prompt_ids))
+        per_row = self._worst_blocks(len(group.prompt_ids), group.max_tokens)
+        if group.kind == "speculative":  # a row writes its drafts (up to gamma + 1 positions) past its length
+            per_row += self.cache.blocks_for(group.gamma + 1)
+        return group.W * per_row + self.cache.blocks_for(len(group.prompt_ids))
 
     def _worst_blocks(self, prompt_len: int, max_tokens: int) -> int:
         """Blocks one request may need by its end (+1: a copy of a shared last block)."""
@@ -201,7 +207,7 @@ class Scheduler:
                 events.append(TokenEvent(r, None, "", finish_reason="abort"))
         self._release_finished()
 
-        running, groups = list(self.running), [g for g in self.groups if not g.done]
+        running, groups = list(self.running), [g for g in self.groups if not g.done and g.kind == "beam"]
         decoded = self._decode_logits(running, groups) if running or groups else None
         logits = [decoded[: len(running)]] if running else []
         admitted, new_groups = self._admit()
@@ -210,8 +216,17 @@ class Scheduler:
         if admitted:
             logits.append(ready_logits)
             self._activate(admitted, len(running))
+        for g in [g for g in self.groups if not g.done and g.kind == "speculative"]:
+            events += g.round(self)  # draft, verify in one target forward, commit (streams tokens)
         if new_groups:
-            self._prefill_groups(new_groups)
+            if any(g.kind == "beam" for g in new_groups):
+                self._prefill_groups([g for g in new_groups if g.kind == "beam"])
+            for g in new_groups:
+                if g.kind == "speculative":
+                    for r in g.requests:
+                        self._state[r.id] = (IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
+                                             StopStringMatcher(r.params.stop))
+                    g.prefill(self)
         offset = len(running)
         for g in groups:  # each beam search picks its next beams from its rows' logits
             R = g.live()
@@ -220,7 +235,13 @@ class Scheduler:
         self.groups += new_groups
         for g in [g for g in self.groups if g.done]:
             self.groups.remove(g)
-            events += self._group_events(g, "abort" if g.aborted else None)
+            if g.kind == "beam":
+                events += self._group_events(g, "abort" if g.aborted else None)
+                continue
+            for r in g.requests:  # speculative rows streamed their tokens; an abort ends the rest
+                self._state.pop(r.id, None)
+                if not r.finished:
+                    events.append(self._finish(r, "abort"))
         self.running.extend(admitted)
         rows = running + admitted
         if not rows:

@@ -258,6 +258,42 @@ class SpeculativeOutput:
     per_round: list[list[int]] = field(default_factory=list)  # accepted counts per round (per row)
 
 
+def accept_round(logits: torch.Tensor, drafted: torch.Tensor, logq: torch.Tensor | None, rows: PipelineRows,
+                 counters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One verification: the target's ``logits`` [B, g + 1, V] over [last token, d_1 .. d_g] -> (leading
+    accepted drafts per row [B], the next token per row [B]: the residual draw at the first rejection, or
+    the bonus draw from p_{g+1}). ``logq`` [B, g, V] (None: a deterministic draft, q one-hot)."""
+    B, g = drafted.shape
+    logp = rows.logprobs_ahead(logits, drafted)  # [B, g + 1, V]
+    # accept d_j with probability min(1, p_j(d_j) / q_j(d_j)), left to right
+    lp_d = logp[:, :g].gather(2, drafted.unsqueeze(-1)).squeeze(-1).double()  # [B, g]
+    if logq is None:  # deterministic draft: q(d) = 1
+        ratio = lp_d.exp()
+    else:
+        lq_d = logq.gather(2, drafted.unsqueeze(-1)).squeeze(-1).double()
+        ratio = (lp_d - lq_d).exp()
+    if g:
+        u = torch.stack([rows.uniforms(counters + j, _ACCEPT) for j in range(g)], 1)  # [B, g]
+        n_acc = (u < ratio).long().cumprod(1).sum(1)  # leading accepts per row
+    else:
+        n_acc = torch.zeros(B, dtype=torch.long)
+    # the next token: from the residual at the first rejection, or the bonus from p_{g+1}
+    idx = n_acc.view(B, 1, 1).expand(B, 1, logp.shape[-1])
+    p_next = logp.gather(1, idx).squeeze(1).double().exp()  # [B, V]
+    if logq is None:
+        q_next = torch.zeros_like(p_next)
+        rej = n_acc < g
+        q_next[rej.nonzero().squeeze(1), drafted[rej, n_acc[rej]]] = 1.0
+    else:
+        q_ext = torch.cat([logq, torch.full_like(logq[:, :1], float("-inf"))], 1)
+        q_next = q_ext.gather(1, idx).squeeze(1).double().exp()
+    resid = (p_next - q_next).clamp_min(0.0)
+    mass = resid.sum(1, keepdim=True)
+    resid = torch.where(mass > 0, resid / mass.clamp_min(1e-300), p_next)  # p == q: never rejected
+    nxt = _draw(resid.log().float(), rows.uniforms(counters, _RESIDUAL))
+    return n_acc, nxt
+
+
 @torch.inference_mode()
 def speculative_generate(
     target,
@@ -318,33 +354,7 @@ def speculative_generate(
         positions = (lengths - 1).view(B, 1) + torch.arange(g + 1)
         logits = model(tokens, positions, cache, rows=slice(0, B), logits_at="all")  # [B, g + 1, V]
         stats.target_forwards += 1
-        logp = rows.logprobs_ahead(logits, drafted)  # [B, g + 1, V]
-        # accept d_j with probability min(1, p_j(d_j) / q_j(d_j)), left to right
-        lp_d = logp[:, :g].gather(2, drafted.unsqueeze(-1)).squeeze(-1).double()  # [B, g]
-        if logq is None:  # deterministic draft: q(d) = 1
-            ratio = lp_d.exp()
-        else:
-            lq_d = logq.gather(2, drafted.unsqueeze(-1)).squeeze(-1).double()
-            ratio = (lp_d - lq_d).exp()
-        if g:
-            u = torch.stack([rows.uniforms(counters + j, _ACCEPT) for j in range(g)], 1)  # [B, g]
-            n_acc = (u < ratio).long().cumprod(1).sum(1)  # leading accepts per row
-        else:
-            n_acc = torch.zeros(B, dtype=torch.long)
-        # the next token: from the residual at the first rejection, or the bonus from p_{g+1}
-        idx = n_acc.view(B, 1, 1).expand(B, 1, logp.shape[-1])
-        p_next = logp.gather(1, idx).squeeze(1).double().exp()  # [B, V]
-        if logq is None:
-            q_next = torch.zeros_like(p_next)
-            rej = n_acc < g
-            q_next[rej.nonzero().squeeze(1), drafted[rej, n_acc[rej]]] = 1.0
-        else:
-            q_ext = torch.cat([logq, torch.full_like(logq[:, :1], float("-inf"))], 1)
-            q_next = q_ext.gather(1, idx).squeeze(1).double().exp()
-        resid = (p_next - q_next).clamp_min(0.0)
-        mass = resid.sum(1, keepdim=True)
-        resid = torch.where(mass > 0, resid / mass.clamp_min(1e-300), p_next)  # p == q: never rejected
-        nxt = _draw(resid.log().float(), rows.uniforms(counters, _RESIDUAL))
+        n_acc, nxt = accept_round(logits, drafted, logq, rows, counters)
         # commit, row by row (stop at EOS / stop token / max_tokens)
         acc_list = n_acc.tolist()
         committed = []
@@ -482,3 +492,126 @@ def benchmark_speculative(target, drafts=("ngram", "early-exit:8", "int8"), prom
             "same_as_plain": res.token_ids == base.token_ids,
         })
     return rows
+
+
+# ---- speculative decoding as a mode of the scheduler -----------------------------------------------------
+
+class SpecGroup:
+    """Speculative decoding inside the scheduler: the ``n`` samples of one prompt are rows that, once per
+    step, verify their drafts in one target forward over the paged KV cache (rows of their own block
+    tables), commit what the acceptance rule keeps, and stream it through the scheduler's one stop policy
+    (EOS, stop ids, stop strings, ``min_tokens``, ``max_tokens``). The rounds are the loop's above, to the
+    draw: same drafts, same counters, same acceptance (``accept_round``), so the tokens are the same."""
+
+    kind = "speculative"
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, seeds: list[int], draft: Draft, gamma: int,
+                 eos_token_ids, vocab_size: int, context_length: int):
+        if not isinstance(gamma, int) or not 1 <= gamma <= 64:
+            raise ParamError("num_speculative_tokens", f"must be an integer in [1, 64], got {gamma!r}")
+        self.prompt_ids, self.params, self.gamma, self.draft = list(prompt_ids), params, gamma, draft
+        self.W = len(seeds)  # rows of the batch it takes
+        self.max_tokens = params.max_tokens
+        P = len(self.prompt_ids)
+        self.cache_len = min(context_length, P + self.max_tokens + gamma + 1)
+        if P + 1 > self.cache_len:
+            raise ParamError("prompt", f"has {P} tokens; the context holds {context_length}")
+        self.rows = PipelineRows(params, self.prompt_ids, vocab_size, list(eos_token_ids), self.W, seeds=seeds)
+        self.seqs = [list(self.prompt_ids) for _ in range(self.W)]
+        self.tables: list[list[int]] = [[] for _ in range(self.W)]
+        self.live_rows = [True] * self.W
+        self.stats = SpeculativeStats()
+        self.rnd = 0
+        self.requests: list = []  # the scheduler's visible requests, one per row
+        self.reserved = 0
+        self.done = self.aborted = False
+        self._t0 = time.perf_counter()
+
+    def prefill(self, sched) -> None:
+        """Every prompt token but the last into the cache (the last opens the first verification), shared
+        by the rows; the draft starts."""
+        cache, P = sched.cache, len(self.prompt_ids)
+        table = cache.match_prefix(self.prompt_ids, P - 1)
+        start = len(table) * cache.block_size
+        for p in range(start, P - 1):
+            cache.ensure_writable(table, p)
+        if P - 1 > start:
+            ids = torch.tensor([self.prompt_ids[start: P - 1]])
+            sched.model(ids, torch.arange(start, P - 1).unsqueeze(0), cache,
+                        block_tables=cache.table_tensor([table]), logits_at="none")
+            self.stats.target_forwards += 1
+            cache.register_prefix(self.prompt_ids, table, P - 1)
+        self.tables = [cache.share(table) for _ in range(self.W)]
+        cache.release(table)
+        self.draft.start(self.seqs, self.cache_len)
+
+    def round(self, sched) -> list:
+        """One draft-and-verify round for every row; returns the scheduler's events of the committed tokens."""
+        cache, B, rows = sched.cache, self.W, self.rows
+        lengths = torch.tensor([len(s) for s in self.seqs])
+        g = max(1, min(self.gamma, int((self.cache_len - lengths).min()) - 1))  # room left in the caches
+        counters = torch.full((B,), self.rnd * (self.gamma + 2), dtype=torch.long)
+        drafted, logq = self.draft.propose(self.seqs, g, rows, counters)
+        g = drafted.shape[1]
+        tokens = torch.cat([torch.tensor([s[-1] for s in self.seqs]).view(B, 1), drafted], 1)  # [B, g + 1]
+        positions = (lengths - 1).view(B, 1) + torch.arange(g + 1)
+        for t, pos in zip(self.tables, positions.tolist(), strict=True):
+            for p in pos:
+                if p < self.cache_len:
+                    cache.ensure_writable(t, p)
+        valid = positions < self.cache_len
+        logits = sched.model(tokens, positions.clamp(max=self.cache_len - 1), cache, valid=valid, logits_at="all",
+                             block_tables=cache.table_tensor(self.tables))  # [B, g + 1, V]
+        self.stats.target_forwards += 1
+        n_acc, nxt = accept_round(logits, drafted, logq, rows, counters)
+        raw = torch.log_softmax(logits.float(), dim=-1)
+        events, committed, acc = [], [], n_acc.tolist()
+        for b in range(B):
+            r = self.requests[b]
+            if not self.live_rows[b]:
+                committed.append(0)
+                continue
+            new = drafted[b, : acc[b]].tolist() + [int(nxt[b])]
+            self.stats.drafted += g
+            self.stats.accepted += acc[b]
+            take = 0
+            for j, t in enumerate(new):
+                k = r.params.logprobs
+                top = None
+                if k is not None:
+                    vals, ids = raw[b, j].topk(k) if k else (raw[b, j][:0], raw[b, j][:0].long())
+                    top = list(zip(ids.tolist(), vals.tolist(), strict=True))
+                events.append(sched._append(r, t, float(raw[b, j, t]), top))
+                take += 1
+                if r.finished:
+                    self.live_rows[b] = False
+                    break
+            self.seqs[b].extend(new[:take])
+            committed.append(take)
+        for j in range(max(committed)):  # the committed tokens in the pipeline's penalty state
+            col = torch.tensor([self.seqs[b][len(self.seqs[b]) - committed[b] + j] if j < committed[b] else 0
+                                for b in range(B)])
+            rows.append(col, active=torch.tensor([j < c for c in committed]))
+        self.stats.generated += sum(committed)
+        self.stats.rounds += 1
+        self.draft.commit(self.seqs, n_acc)
+        self.rnd += 1
+        if not any(self.live_rows):
+            self.finish(cache)
+        return events
+
+    def live(self) -> int:
+        return 0
+
+    def finish(self, cache) -> None:
+        for t in self.tables:
+            cache.release(t)
+        self.tables, self.done = [], True
+        self.stats.seconds = time.perf_counter() - self._t0
+        self.stats.draft_forwards = getattr(self.draft, "forwards", 0)
+
+    def abort(self, cache) -> None:
+        if cache is not None:
+            for t in self.tables:
+                cache.release(t)
+        self.tables, self.done, self.aborted = [], True, True

@@ -12,7 +12,7 @@ field                          allowed                note
 max_tokens                     int >= 1               and prompt_len + max_tokens <= context_length
 temperature                    float >= 0             0 = greedy (argmax of the processed logits);
                                                       0 < T < 1e-5 is greedy too (as in vLLM)
-top_k                          int >= 0               0 = off; k >= vocab keeps everything
+top_k                          [0, 2^31 - 1]          0 = off; k >= vocab keeps everything
 top_p, typical_p               (0, 1]                 1 = off
 min_p                          [0, 1]                 0 = off
 epsilon, eta                   [0, 1)                 0 = off
@@ -141,7 +141,8 @@ class SamplingParams:
         _num(self, "temperature", lo=0.0, text="must be >= 0 (0 = greedy)")
         if 0 < self.temperature < GREEDY_BELOW:  # below ~1e-45 T is 0 in float32 and was read as T = 1;
             self.temperature = 0.0  # any T this small samples the argmax anyway (vLLM's rule)
-        _int(self, "top_k", lo=0, text="must be an integer >= 0 (0 = off)")
+        # bounded: the sampler holds k in an int64 tensor (2**63 overflowed there, failing the whole batch)
+        _int(self, "top_k", lo=0, hi=MAX_INT32, text=f"must be an integer in [0, {MAX_INT32}] (0 = off)")
         _num(self, "top_p", lo=0.0, hi=1.0, lo_open=True, text="must be in (0, 1]")
         _num(self, "min_p", lo=0.0, hi=1.0, text="must be in [0, 1]")
         _num(self, "typical_p", lo=0.0, hi=1.0, lo_open=True, text="must be in (0, 1]")

@@ -509,13 +509,15 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
 
     async def run_beams(request: Request, ids: list, params: SamplingParams, opts: DriverOptions, spec, rf,
                         t0: float):
-        """Beam searches as modes of the scheduler: submitted like any request (batched with the running
-        ones, so nobody's stream pauses), decided together; [(GenerationResult, extra)]."""
-        from ..decoding.cli_ext import beam_completion, beam_group
+        """Beam searches and speculative decodes as modes of the scheduler: submitted like any request
+        (batched with the running ones, so nobody's stream pauses); [(GenerationResult, extra)] when done."""
+        from ..decoding.cli_ext import beam_completion, beam_group, spec_completion, spec_group
 
         constraint = await compile_spec(spec, rf) if spec is not None else None
+        beam = opts.beam_width is not None
         with _driver_errors(rf):
-            groups = [beam_group(engine, i, params, opts, constraint) for i in ids]
+            groups = [beam_group(engine, i, params, opts, constraint) if beam else spec_group(engine, i, params, opts)
+                      for i in ids]
             for g in groups:
                 engine.scheduler.check_fits(len(g.prompt_ids), params.max_tokens)
         stream = _Stream(asyncio.get_running_loop())
@@ -525,19 +527,15 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         except QueueFull as e:
             raise queue_full(e) from None
         with _driver_errors(rf):
-            try:
-                async for _ in events(request, stream, requests, t0, poll=True):
-                    pass
-            except (_ClientGone, asyncio.CancelledError):
-                abort(requests)
-                raise
+            await collect(request, stream, requests, t0)
             failure = internal_failure(requests)
             if failure is not None:
                 raise failure
             if any(r.finish_reason == "error" for r in requests):
                 raise ParamError("beam_width", next(r.error for r in requests if r.error) or "beam search failed")
             out = await asyncio.wrap_future(runner.call(
-                lambda: [beam_completion(engine, i, params, opts, g) for i, g in zip(ids, groups, strict=True)]))
+                lambda: [(beam_completion if beam else spec_completion)(engine, i, params, opts, g)
+                         for i, g in zip(ids, groups, strict=True)]))
         metrics.record_tokens(prompt=sum(len(i) for i in ids),
                               generated=sum(len(c.token_ids) for r, _ in out for c in r.choices))
         return out
@@ -549,8 +547,8 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         if not prompts:
             raise ParamError("prompt", "must not be empty")
         ids = [encode(p) for p in prompts]
-        if opts.beam_width is not None and request is not None:
-            return await run_beams(request, ids, params, opts, spec, rf, t0)
+        if (opts.beam_width is not None or opts.speculative) and request is not None:
+            return await run_beams(request, ids, params, opts, spec, rf, t0)  # modes of the scheduler
 
         constraint = await compile_spec(spec, rf) if spec is not None else None
 

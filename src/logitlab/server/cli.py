@@ -30,13 +30,54 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
                    help="name(s) clients use in 'model' (default: the model's name)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_guard_flags(s)
     s.set_defaults(func=cmd_serve)
     return s
 
 
+def add_guard_flags(s: argparse.ArgumentParser) -> None:
+    """Host names answered, and what one request may ask for (``guards.Limits``)."""
+    from .guards import Limits
+
+    d = Limits()
+    g = s.add_argument_group("limits per request (larger requests get 400) and the Host names answered")
+    g.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="also answer requests for this Host name (repeatable; '*': any). Always answered: "
+                        "localhost, 127.0.0.1, [::1] and the --host address; bound to 0.0.0.0 or ::, also any IP "
+                        "address and this machine's name. Others get 403 (DNS-rebinding protection)")
+    g.add_argument("--max-guided-bytes", type=int, default=d.max_guided_bytes, metavar="N",
+                   help="size of guided_regex / guided_grammar / guided_json / response_format's schema")
+    g.add_argument("--max-guided-choices", type=int, default=d.max_guided_choices, metavar="N",
+                   help="guided_choice options")
+    g.add_argument("--max-guided-choice-bytes", type=int, default=d.max_guided_choice_bytes, metavar="N",
+                   help="guided_choice options' bytes in all")
+    g.add_argument("--max-beam-width", type=int, default=d.max_beam_width, metavar="W",
+                   help="beam_width (at most --max-batch)")
+    g.add_argument("--grammar-timeout", type=float, default=d.grammar_timeout_s, metavar="S",
+                   help="seconds one grammar may take to compile (in a worker process)")
+    g.add_argument("--grammar-memory-mb", type=int, default=d.grammar_memory_mb, metavar="MB",
+                   help="memory one grammar may take to compile")
+    g.add_argument("--grammar-cache-mb", type=int, default=d.grammar_cache_mb, metavar="MB",
+                   help="compiled grammars kept for reuse (least recently used out first)")
+    g.add_argument("--template-timeout", type=float, default=d.template_timeout_s, metavar="S",
+                   help="seconds the model's chat template may take to render one conversation")
+
+
+def limits_from_args(a: argparse.Namespace):
+    from .guards import Limits
+
+    return Limits(max_guided_bytes=a.max_guided_bytes, max_guided_choices=a.max_guided_choices,
+                  max_guided_choice_bytes=a.max_guided_choice_bytes, max_beam_width=a.max_beam_width,
+                  grammar_timeout_s=a.grammar_timeout, grammar_memory_mb=a.grammar_memory_mb,
+                  grammar_cache_mb=a.grammar_cache_mb, template_timeout_s=a.template_timeout)
+
+
 # Upper bounds, checked before the model is loaded: the KV cache holds max_batch x max_len positions (and
 # max_len above the model's context length is cut to it anyway); a queue or body limit past these is a typo.
-LIMITS = {"max_batch": 1024, "max_len": 1 << 20, "max_queue": 1 << 20, "max_body_bytes": 1 << 30}
+LIMITS = {"max_batch": 1024, "max_len": 1 << 20, "max_queue": 1 << 20, "max_body_bytes": 1 << 30,
+          "max_guided_bytes": 1 << 24, "max_guided_choices": 1 << 16, "max_guided_choice_bytes": 1 << 24,
+          "max_beam_width": 1024, "grammar_memory_mb": 1 << 16, "grammar_cache_mb": 1 << 16}
+SECONDS = {"grammar_timeout": 3600.0, "template_timeout": 3600.0}
 
 
 def _check(a) -> None:
@@ -45,6 +86,13 @@ def _check(a) -> None:
     for name, hi in LIMITS.items():
         if not 1 <= getattr(a, name) <= hi:
             raise ParamError(name.replace("_", "-"), f"must be an integer in [1, {hi}], got {getattr(a, name)}")
+    for name, hi in SECONDS.items():
+        v = getattr(a, name)
+        if not 0 < v <= hi:  # also false for nan
+            raise ParamError(name.replace("_", "-"), f"must be a number of seconds in (0, {hi:g}], got {v}")
+    for name in a.allowed_host or []:
+        if not name.strip():
+            raise ParamError("allowed-host", "must not be empty")
     if not 0 <= a.port <= 65535:
         raise ParamError("port", f"must be in [0, 65535], got {a.port}")
     for name in a.served_model_name or []:
@@ -83,6 +131,27 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+GRACEFUL_S = 3  # open connections get this long after SIGTERM / Ctrl-C
+HARD_EXIT_S = GRACEFUL_S + 4  # ... and the process this long in all, whatever it is doing
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, plus a deadline on stopping: once asked to stop, the process exits within
+        HARD_EXIT_S even if something holds the event loop or a thread (faulthandler's watchdog is a C thread:
+        it needs neither; it prints every thread's stack, which says what held the shutdown)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            import faulthandler
+
+            faulthandler.dump_traceback_later(HARD_EXIT_S, exit=True)
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     _check(a)
     sock = _listen(a.host, a.port)
@@ -99,12 +168,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
                   file=sys.stderr)
         engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, max_batch=a.max_batch, max_len=a.max_len)
         app = create_app(engine, api_key=api_key, max_queue=a.max_queue, max_body_bytes=a.max_body_bytes,
-                         model_names=a.served_model_name)
+                         model_names=a.served_model_name, limits=limits_from_args(a), bind_host=a.host,
+                         allowed_hosts=a.allowed_host)
         port = sock.getsockname()[1]
         print(f"logitlab: serving {engine.name} on http://{a.host}:{port}  (playground: /, API: /v1)",
               file=sys.stderr)
-        config = uvicorn.Config(app, host=a.host, port=port, log_level=a.log_level, timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        config = uvicorn.Config(app, host=a.host, port=port, log_level=a.log_level,
+                                timeout_graceful_shutdown=GRACEFUL_S)
+        _server_class()(config).run(sockets=[sock])
     finally:
         sock.close()
     return 0

@@ -6,9 +6,10 @@
   llguidance and vLLM's Lark backends read it) or EBNF (xgrammar's, GBNF-like): Lark is converted to
   EBNF by xgrammar's own Lark reader, which takes rules and terminals, string literals and ``/regex/``
   terminals, ``| ( ) ? * +`` and ``~ n`` / ``~ n..m`` repetition, ``?rule`` / ``_rule`` inlining, aliases
-  (``-> name``, ignored), ``%import common.X`` and ``%ignore`` (whitespace it allows between tokens).
-  Regex flags (``/.../i``, ``(?i:...)``) and Lark's templates and priorities are not supported: those
-  grammars are a 400 naming the problem.
+  (``-> name``, ignored), case-insensitive strings (``"select"i``), ``%import common.X`` and ``%ignore``
+  (what it names may then appear between tokens). Regex flags (``/.../i``, ``(?i:...)``), templates and
+  priorities are not supported: those grammars are a 400 naming the problem. A grammar with a rule
+  ``name ::= ...`` is read as EBNF, anything else as Lark.
 - ``prompt_logprobs`` (vLLM): for every prompt token after the first, its raw logprob, its rank in the
   vocabulary (1 = most likely) and the ``k`` most likely tokens, as ``{"<id>": {"logprob", "rank",
   "decoded_token"}}`` (the prompt's own token first); the first token has none (``null``).
@@ -22,6 +23,8 @@
   their logprobs the way the token-by-token path does: one forward over prompt + output gives every
   token's raw logprob and top ``k`` (``fill_logprobs``), so ``logprobs`` / ``top_logprobs`` / ``echo``
   mean the same on both endpoints with or without a driver.
+- ``max_tokens: 0`` on /v1/completions (OpenAI's legacy scoring request, with ``echo`` and ``logprobs``):
+  nothing is generated; each choice is the prompt with its logprobs (``prompt_only_results``).
 
 The model work here (``sequence_logprobs``) runs on the server's runner thread (``Runner.call``), between
 two scheduler steps, as every other use of the model outside the scheduler does.
@@ -43,12 +46,14 @@ MAX_PROMPT_LOGPROBS = 20  # as the sampled tokens' logprobs (and vLLM's default 
 CHUNK = 256  # prompt positions per forward: bounds the [T, vocab] logits held at once
 
 _EBNF_RULE = re.compile(r"(?m)^\s*[A-Za-z_][\w.-]*\s*::=")
+_FLAGGED_REGEX = re.compile(r'Regex\("\(\\\?[a-zA-Z]+[:)]')  # Regex("(\?i)...") in xgrammar's EBNF
 
 
 # ---- request rules ---------------------------------------------------------------------------------
 
 def check_request(body) -> None:
-    """Raise ParamError for what OpenAI / vLLM refuse; convert a Lark ``guided_grammar`` to EBNF in place."""
+    """Raise ParamError for what OpenAI / vLLM refuse (a Lark ``guided_grammar`` is converted later, by
+    ``grammar_to_ebnf``, once the server has checked its size)."""
     stream_options = getattr(body, "stream_options", None)
     if stream_options is not None and not body.stream:
         raise ParamError("stream_options", "is only allowed with stream=true")
@@ -64,8 +69,6 @@ def check_request(body) -> None:
     k = getattr(body, "prompt_logprobs", None)
     if k is not None and not 0 <= k <= MAX_PROMPT_LOGPROBS:
         raise ParamError("prompt_logprobs", f"must be an integer in [0, {MAX_PROMPT_LOGPROBS}], got {k}")
-    if getattr(body, "guided_grammar", None):
-        body.guided_grammar = grammar_to_ebnf(body.guided_grammar)
 
 
 def is_ebnf(grammar: str) -> bool:
@@ -80,7 +83,7 @@ def grammar_to_ebnf(grammar: str, field: str = "guided_grammar") -> str:
     import xgrammar
 
     try:
-        return str(xgrammar.Grammar.from_lark(grammar))
+        ebnf = str(xgrammar.Grammar.from_lark(grammar))
     except Exception as e:  # xgrammar raises RuntimeError (through its FFI layer) with the parser's message
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         reason = lines[0] if lines else type(e).__name__
@@ -88,6 +91,10 @@ def grammar_to_ebnf(grammar: str, field: str = "guided_grammar") -> str:
         reason = reason.split(": ", 1)[-1] if reason.startswith("/") else reason
         raise ParamError(field, f"is neither EBNF (rules 'name ::= ...' with a root rule) nor Lark (rules "
                                 f"'name: ...' with a start rule) that this server reads: {reason[:300]}") from None
+    if _FLAGGED_REGEX.search(ebnf):  # xgrammar would match the flag's text "(?i)" literally
+        raise ParamError(field, "Lark regex flags (/.../i) are not supported: write both cases ([aA]) or use a "
+                                "string with the i flag (\"select\"i)")
+    return ebnf
 
 
 # ---- logprobs from one forward over a whole sequence ------------------------------------------------
@@ -161,18 +168,21 @@ def fill_logprobs(engine, result, k: int | None, echo: bool) -> None:
 
 # ---- streaming ---------------------------------------------------------------------------------------
 
-async def conform_stream(gen, sse, *, prompt_tokens: list[int], n: int, continuous: bool,
-                         prompt_lps: list | None = None, chat: bool = False, totals: dict | None = None):
+def conform_stream(gen, sse, *, prompt_tokens: list[int], n: int, continuous: bool,
+                   prompt_lps: list | None = None, chat: bool = False, totals: dict | None = None):
     """Wrap a completions / chat SSE generator: with ``continuous``, put ``usage`` in every chunk (choice
     ``i``'s prompt ``prompt_tokens[i // n]`` and its completion tokens so far, counted from the chunks'
     ``token_ids``; ``totals`` instead for a driver's replayed response); with ``prompt_lps`` (one list per
     prompt), add ``prompt_logprobs`` to each choice's first chunk (chat: to the first chunk). ``sse``
-    encodes a chunk as the app does. Closing this generator closes ``gen`` (a client that goes away still
-    frees its slot at once)."""
+    encodes a chunk as the app does. Without either, ``gen`` itself."""
     if not continuous and prompt_lps is None:
-        async for line in gen:
-            yield line
-        return
+        return gen
+    return _conformed(gen, sse, prompt_tokens, n, continuous, prompt_lps, chat, totals)
+
+
+async def _conformed(gen, sse, prompt_tokens, n, continuous, prompt_lps, chat, totals):
+    """``conform_stream``'s generator. Closing it closes ``gen``, so a client that goes away still frees
+    its slot at once."""
     counts: dict[int, int] = {}
     sent: set[int] = set()
     chat_sent = False

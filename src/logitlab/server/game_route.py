@@ -3,9 +3,9 @@
 Request (JSON): ``paragraph`` (text), ``prefixes`` (texts; the empty prefix is always scored as the baseline),
 optionally ``search`` ("greedy" | "beam") with ``budget``, ``width``, ``top_k``, ``paragraph_k``. Response:
 ``logitlab.game.to_dict`` of the prefixes' scores (``results``) and, with ``search``, the search's ``search``
-block; every cross-entropy in nats. The work runs on the runner thread between two decode steps (as the
-other drivers do), so the server's limits on ``budget`` and the candidate counts are smaller than the CLI's:
-a search holds the decode loop for its whole length.
+block; every cross-entropy in nats. The work runs on the runner thread (``Runner.call``, as the other drivers
+do); the scorer reaches ``yield_point()`` after every batched forward, where the runner may run a decode step
+for the other streams. The server's limits on ``budget`` and the candidate counts are smaller than the CLI's.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ one background thread owns both. Everything else talks to it through thread-safe
   runs there (speculative, contrastive) steps the scheduler once per round (``yield_point``), so it
   never freezes the other streams.
 
+Queue accounting counts rows of work, not HTTP requests: a request's ``n`` samples count n, a beam search
+of width W counts W (whatever its ``n``), and a ``call`` its ``cost`` (e.g. a guided_choice's options)
+while it waits or runs. ``max_queue`` bounds the sum; past it ``submit`` and ``call`` raise ``QueueFull``.
+
 The loop steps while there is work and sleeps on a condition variable otherwise. If a step raises (a
 bug), every request in flight is finished with ``finish_reason="error"`` and the scheduler is emptied,
 so the server keeps serving.
@@ -37,6 +41,20 @@ class QueueFull(Exception):
     pass
 
 
+def request_cost(items) -> int:
+    """Rows of work: 1 per request, W per group of W rows (a beam search of width W, a speculative decode):
+    its requests, or the group itself waiting in the scheduler."""
+    cost, beams = 0, set()
+    for it in list(items):
+        group = (it.beam or getattr(it, "spec", None)) if isinstance(it, Request) else it
+        if group is None:
+            cost += 1
+        elif id(group) not in beams:
+            beams.add(id(group))
+            cost += getattr(group, "W", 1)
+    return cost
+
+
 class Runner:
     def __init__(self, engine, max_queue: int = 256, metrics=None):
         self.engine = engine
@@ -44,10 +62,12 @@ class Runner:
         self.max_queue = max_queue
         self.metrics = metrics
         self._cv = threading.Condition()
-        self._inbox: list[tuple[list[Request], Sink]] = []
-        self._inbox_count = 0
+        self._inbox: list[tuple[list[Request], Sink, int]] = []
+        self._inbox_count = 0  # the cost (rows of work) of the requests in the inbox,
+        self._waiting_cost = 0  # of those in the scheduler's queue (set by the runner thread),
+        self._calls_cost = 0  # and of the calls waiting or running
         self._aborts: list[Request] = []
-        self._calls: list[tuple[Callable, concurrent.futures.Future]] = []
+        self._calls: list[tuple[Callable, concurrent.futures.Future, int]] = []
         self._sinks: dict[int, Sink] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="logitlab-runner", daemon=True)
@@ -77,8 +97,8 @@ class Runner:
     # ---- thread-safe API ---------------------------------------------------------------------
     @property
     def queued(self) -> int:
-        """Requests submitted but not yet running (an approximate, lock-free read)."""
-        return self._inbox_count + len(self.scheduler.waiting)
+        """Work submitted but not yet running, in rows (see the module doc; an approximate, lock-free read)."""
+        return self._inbox_count + self._waiting_cost + self._calls_cost
 
     @property
     def running(self) -> int:
@@ -92,28 +112,37 @@ class Runner:
 
     def submit(self, requests: list[Request], sink: Sink) -> None:
         self._ensure_started()
+        cost = request_cost(requests)
         with self._cv:
-            if self._stopping:
-                raise QueueFull("the server is shutting down")
-            if self.queued + len(requests) > self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
-            self._inbox.append((requests, sink))
-            self._inbox_count += len(requests)
+            self._check_room(cost)
+            self._inbox.append((requests, sink, cost))
+            self._inbox_count += cost
             self._cv.notify()
+
+    def _check_room(self, cost: int) -> None:
+        if self._stopping:
+            raise QueueFull("the server is shutting down")
+        if self.queued + cost > self.max_queue:
+            raise QueueFull(f"the queue is full ({self.queued} of {self.max_queue} rows of work waiting; this "
+                            f"request needs {cost}); retry later")
 
     def abort(self, requests: list[Request]) -> None:
         with self._cv:
             self._aborts.extend(r for r in requests if not r.finished)
             self._cv.notify()
 
-    def call(self, fn: Callable) -> concurrent.futures.Future:
+    def call(self, fn: Callable, cost: int = 0) -> concurrent.futures.Future:
+        """``cost``: the rows of work ``fn`` stands for in the queue accounting (QueueFull without room)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._ensure_started()
         with self._cv:
             if self._stopping:
                 fut.set_exception(RuntimeError("the server is shutting down"))
                 return fut
-            self._calls.append((fn, fut))
+            if cost:
+                self._check_room(cost)
+                self._calls_cost += cost
+            self._calls.append((fn, fut, cost))
             self._cv.notify()
         return fut
 
@@ -127,7 +156,7 @@ class Runner:
                 if self._stopping:
                     break
                 calls, self._calls = self._calls, []
-            for fn, fut in calls:
+            for fn, fut, cost in calls:
                 if fut.set_running_or_notify_cancel():
                     try:
                         # a driver loop (speculative, contrastive) steps the scheduler between its rounds,
@@ -137,6 +166,8 @@ class Runner:
                         fut.set_result(result)
                     except BaseException as e:  # noqa: BLE001 - handed to the caller
                         fut.set_exception(e)
+                with self._cv:
+                    self._calls_cost -= cost
             self._tick()
         self._drain_on_stop()
 
@@ -147,7 +178,7 @@ class Runner:
         with self._cv:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
-        for requests, sink in inbox:
+        for requests, sink, cost in inbox:
             for r in requests:
                 self._sinks[r.id] = sink
             try:
@@ -157,7 +188,8 @@ class Runner:
                     r.finish_reason, r.error = "error", str(e)
                 self._dispatch([TokenEvent(r, None, "", finish_reason="error") for r in requests])
             with self._cv:
-                self._inbox_count -= len(requests)
+                self._inbox_count -= cost
+        self._waiting_cost = request_cost(sched.waiting)
         for r in aborts:
             if r.id in self._sinks and not r.finished:
                 sched.abort(r)
@@ -172,6 +204,7 @@ class Runner:
             events = self._fail_all(e)
         self.steps += 1
         self.step_seconds += time.perf_counter() - t0
+        self._waiting_cost = request_cost(sched.waiting)
         self._dispatch(events)
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
@@ -227,9 +260,10 @@ class Runner:
         with self._cv:
             inbox, self._inbox = self._inbox, []
             calls, self._calls = self._calls, []
-        for _fn, fut in calls:
+        for _fn, fut, cost in calls:
             fut.cancel()
-        for requests, sink in inbox:
+            self._calls_cost -= cost
+        for requests, sink, _cost in inbox:
             for r in requests:
                 self._sinks[r.id] = sink
             self.scheduler.add(requests)

@@ -117,6 +117,9 @@ def register(app: FastAPI, engine, runner, *, auth, read_body, check_model) -> N
             raise ParamError(given[1], f"give one constraint at a time (also got {given[0]})")
         if not given:
             return None
+        from .guards import check_driver_sizes  # the server's size limits (issue 11)
+
+        check_driver_sizes({f: getattr(body, f) for f in given}, app.state.limits)
         schema = body.guided_json
         if isinstance(schema, str):  # the schema itself, never a file name: parse it here
             try:
@@ -134,14 +137,12 @@ def register(app: FastAPI, engine, runner, *, auth, read_body, check_model) -> N
                                      choice=body.guided_choice)
 
     async def compile_spec(spec):
-        from ..decoding.constraints import compile_constraint
-
         key = (spec.kind, spec.value)
         if key in compiled:
             compiled.move_to_end(key)
             return compiled[key]
-        with _renamed_fields():
-            c = await asyncio.to_thread(compile_constraint, spec, engine)
+        with _renamed_fields():  # in the server's grammar worker: a time and memory budget (sandbox.py)
+            c = await app.state.compile_spec(spec)
         compiled[key] = c
         while len(compiled) > MAX_COMPILED:
             compiled.popitem(last=False)

@@ -105,11 +105,12 @@ def frame(tok, texts: list[str], direction: str) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def document_nll(model, seqs: list[np.ndarray], batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def document_nll(model, seqs: list[np.ndarray], seq_len: int, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Per document: summed next-token NLL (nats) and the number of predicted tokens. A document longer than
-    the context is scored in consecutive pieces of ``context_length`` + 1 tokens sharing one token, so every
-    token but the first is predicted exactly once (as the train API's padded rows do)."""
-    ctx = model.config.context_length
+    the training rows is scored in consecutive pieces of ``seq_len`` + 1 tokens sharing one token, so every
+    token but the first is predicted exactly once (as the train API's padded rows do), and no position is
+    used that training never reached (the position table may be longer than ``seq_len``)."""
+    ctx = seq_len
     pieces = [(d, s[a : a + ctx + 1]) for d, s in enumerate(seqs) for a in range(0, len(s) - 1, ctx)]
     nll, cnt = np.zeros(len(seqs)), np.zeros(len(seqs))
     pieces.sort(key=lambda p: len(p[1]))  # similar lengths together: little padding
@@ -194,7 +195,7 @@ def run_experiment(ds: AotDataset, out: Path, seeds: int = 2, steps: int | None 
             res = train(cfg, texts=ds.train, tokenizer=tok)
             model = res.model.eval()
             seqs = frame(tok, ds.test, direction)
-            nll, cnt = document_nll(model, seqs)
+            nll, cnt = document_nll(model, seqs, cfg.seq_len)
             em = exact_match(model, seqs, sep_id) if sep_id is not None else None
             runs.append(AotRun(seed, direction, float(res.final_val_loss), list(res.metrics), nll, cnt, em,
                                time.perf_counter() - t0))
