@@ -111,6 +111,10 @@ BEFORE_LOAD = [
     (["demo", "nope"], "arguments"),
     # -- serve
     (["serve", "--max-batch", "0"], "max-batch"),
+    (["serve", "--kv-memory", "0"], "kv-memory"),
+    (["serve", "--kv-memory", "nan"], "kv-memory"),
+    (["generate", X, "--kv-memory", "-1"], "kv_memory"),
+    (["score", X, "--kv-memory", "inf"], "kv_memory"),
     (["serve", "--max-batch", "100000"], "max-batch"),
     (["serve", "--max-len", str(10**9)], "max-len"),
     (["serve", "--max-len", "0"], "max-len"),

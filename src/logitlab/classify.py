@@ -48,6 +48,9 @@ def _ids(tokenizer, x, field_name: str, special: bool) -> list[int]:
 def continuation_logprobs(model_or_engine, prefix, continuations: Sequence) -> list[list[float]]:
     """Per-token log-probabilities of each continuation after ``prefix`` (text or ids): one prefill, then
     all continuations in one batched forward over copies of the prefix's cache."""
+    from .decoding.yield_point import yield_point
+
+    yield_point()  # on the server: the scheduler steps before each choice scoring (n samples: n of them)
     model, tok = _split(model_or_engine)
     pre = _ids(tok, prefix, "prompt", special=True)
     conts = [_ids(tok, c, "choice", special=False) for c in continuations]

@@ -203,8 +203,13 @@ def _validate(width, n, max_tokens, length_penalty) -> None:
 class _IdsOnly:
     """What the scheduler needs of a tokenizer when a bare model runs on token ids (no text)."""
 
+    ids_only = True  # results name paths by their token ids
+
     def __init__(self, eos):
         self.eos_token_ids = frozenset(eos)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return ""
 
 
 @torch.inference_mode()

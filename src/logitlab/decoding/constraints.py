@@ -564,51 +564,33 @@ def constrained_generate(model_or_engine, prompt, constraint: Constraint, params
                          n: int | None = None, seed: int | None = None, eos_token_ids=None) -> ConstrainedOutput:
     """Greedy or sampled generation of ``n`` rows under ``constraint`` (structured output): the mask is the
     pipeline's first stage, then ``sampling.process`` and the inverse-CDF draw with each row's own seed.
-    A row ends when the grammar is complete and its stop token (EOS) is drawn."""
-    from ..sampling import SamplingParams, draw
+    A row ends when the grammar is complete and its stop token (EOS) is drawn. It runs in a scheduler of its
+    own, the path every constrained request of the engine takes (no second decode loop)."""
+    from dataclasses import replace
+
+    from ..sampling import SamplingParams
+    from .beam import _IdsOnly
+    from .scheduler import Request, Scheduler
 
     params = params or SamplingParams()
     model, tokenizer, prompt_ids, eos = resolve_model(model_or_engine, prompt, eos_token_ids)
-    max_tokens = params.max_tokens if max_tokens is None else max_tokens
-    n = params.n if n is None else n
-    seeds = sample_seeds(params, n, seed)
-    P, V = len(prompt_ids), model.config.vocab_size
-    cache_len = min(model.config.context_length, P + max_tokens)
+    params = replace(params, max_tokens=params.max_tokens if max_tokens is None else max_tokens,
+                     n=params.n if n is None else n, logprobs_mode="processed")
+    seeds = sample_seeds(params, params.n, seed)
+    P, ctx = len(prompt_ids), model.config.context_length
+    cache_len = min(ctx, P + params.max_tokens)
     if P >= cache_len:
-        raise ParamError("prompt", f"has {P} tokens; the context holds {model.config.context_length}")
-    from ..model.cache import KVCache
-
-    cache = KVCache(model.config, n, cache_len, dtype=model.dtype)
-    logits = model(torch.tensor([prompt_ids]), torch.arange(P).unsqueeze(0), cache, rows=slice(0, 1))
-    for b in range(1, n):
-        cache.copy_slot(0, b, P)
-    logits = logits.expand(n, -1)
-    rows = PipelineRows(params, prompt_ids, V, eos, n, seeds=seeds)
-    states = [constraint.start() for _ in range(n)]
-    out: list[list[int]] = [[] for _ in range(n)]
-    lps: list[list[float]] = [[] for _ in range(n)]
-    done, reasons = [False] * n, ["length"] * n
-    eos_set = set(int(e) for e in eos)
-    while True:
-        lp = rows.logprobs(logits, allowed_masks(states, V))
-        failed = ~torch.isfinite(lp).any(-1)
-        tok = draw(lp, rows.uniforms(rows.num_generated.clone(), 0))
-        rows.append(tok, active=torch.tensor([not x for x in done]))
-        for b, t in enumerate(tok.tolist()):
-            if done[b]:
-                continue
-            if bool(failed[b]) or not states[b].accept(t):
-                done[b], reasons[b] = True, "error"
-                continue
-            out[b].append(t)
-            lps[b].append(float(lp[b, t]))
-            if states[b].terminated or t in eos_set:
-                done[b], reasons[b] = True, "stop"
-            elif len(out[b]) >= max_tokens or P + len(out[b]) >= cache_len:
-                done[b] = True
-        if all(done):
-            break
-        positions = torch.tensor([min(P + len(o) - 1, cache_len - 1) for o in out]).view(n, 1)
-        logits = model(tok.view(n, 1), positions, cache, rows=slice(0, n))
+        raise ParamError("prompt", f"has {P} tokens; the context holds {ctx}")
+    sched = Scheduler(model, tokenizer if tokenizer is not None else _IdsOnly(eos), max_batch=params.n,
+                      max_len=cache_len, kv_tokens=params.n * (cache_len + 32) + P + 32)
+    sched.eos_ids = sorted(int(e) for e in eos)
+    requests = [Request(list(prompt_ids), params, s, group=0, index=i, constraint=constraint.start())
+                for i, s in enumerate(seeds)]
+    sched.add(requests)
+    while not all(r.finished for r in requests):
+        sched.step()
+    eos_set = set(sched.eos_ids)
+    out = [list(r.output_ids) for r in requests]
     texts = [tokenizer.decode([t for t in o if t not in eos_set]) for o in out] if tokenizer else None
-    return ConstrainedOutput(out, reasons, texts, lps)
+    return ConstrainedOutput(out, [r.finish_reason for r in requests], texts,
+                             [list(r.token_logprobs) for r in requests])

@@ -487,7 +487,8 @@ class Scheduler:
             g.select(last[i: i + 1], self.cache, self._text_tokenizer())
 
     def _text_tokenizer(self):
-        return self.tokenizer if hasattr(self.tokenizer, "decode") else None
+        """The tokenizer, or None when the scheduler runs a bare model on token ids."""
+        return None if getattr(self.tokenizer, "ids_only", False) else self.tokenizer
 
     def _group_events(self, g, reason: str | None) -> list[TokenEvent]:
         """A decided (or aborted) beam search: its visible requests become the ``n`` best hypotheses."""

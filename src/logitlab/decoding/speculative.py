@@ -38,7 +38,6 @@ from ..model.cache import KVCache
 from ..model.quant import pack_for_gemm, quantize_int8
 from ..sampling import ParamError, SamplingParams
 from .constraints import PipelineRows, resolve_model, sample_seeds, stop_token_set
-from .yield_point import yield_point
 
 # random streams of one row (uniforms are counter-based: seed x counter x stream)
 _DRAFT, _ACCEPT, _RESIDUAL = 11, 12, 13
@@ -316,81 +315,31 @@ def speculative_generate(
     gamma = num_speculative_tokens
     if not isinstance(gamma, int) or not 1 <= gamma <= 64:
         raise ParamError("num_speculative_tokens", f"must be an integer in [1, 64], got {gamma!r}")
-    max_tokens = params.max_tokens if max_tokens is None else max_tokens
-    if seeds is None:
-        n = params.n if n is None else n
-        seeds = sample_seeds(params, n, seed)
-    B = len(seeds)
-    P = len(prompt_ids)
-    ctx = model.config.context_length
-    cache_len = min(ctx, P + max_tokens + gamma + 1)
-    if P + 1 > cache_len:
-        raise ParamError("prompt", f"has {P} tokens; the context holds {ctx}")
-    d = make_draft(draft, model, load=_loader(target))
-    stop_ids = stop_token_set(params, eos)
+    if max_tokens is not None and max_tokens != params.max_tokens:
+        from dataclasses import replace
 
-    t0 = time.perf_counter()
-    rows = PipelineRows(params, prompt_ids, model.config.vocab_size, eos, B, seeds=seeds)
-    cache = KVCache(model.config, B, cache_len, dtype=model.dtype)
-    stats = SpeculativeStats()
-    if P > 1:  # the target caches all but the last prompt token, which opens the first verification
-        model(torch.tensor([prompt_ids[:-1]] * B), torch.arange(P - 1).expand(B, -1), cache, rows=slice(0, B))
-        stats.target_forwards += 1
-    seqs = [list(prompt_ids) for _ in range(B)]
-    d.start(seqs, cache_len)
-    done = [False] * B
-    reasons = ["length"] * B
-    per_round: list[list[int]] = []
-    rnd = 0
-    while not all(done):
-        yield_point()  # on the server: let the scheduler step between two rounds
-        lengths = torch.tensor([len(s) for s in seqs])
-        g = min(gamma, int((cache_len - lengths).min()) - 1)  # room left in the caches
-        g = max(g, 1)
-        counters = torch.full((B,), rnd * (gamma + 2), dtype=torch.long)
-        drafted, logq = d.propose(seqs, g, rows, counters)  # [B, g'], [B, g', V] | None
-        g = drafted.shape[1]  # a draft may propose fewer (n-gram lookup without a match: none)
-        tokens = torch.cat([torch.tensor([s[-1] for s in seqs]).view(B, 1), drafted], 1)  # [B, g + 1]
-        positions = (lengths - 1).view(B, 1) + torch.arange(g + 1)
-        logits = model(tokens, positions, cache, rows=slice(0, B), logits_at="all")  # [B, g + 1, V]
-        stats.target_forwards += 1
-        n_acc, nxt = accept_round(logits, drafted, logq, rows, counters)
-        # commit, row by row (stop at EOS / stop token / max_tokens)
-        acc_list = n_acc.tolist()
-        committed = []
-        for b in range(B):
-            if done[b]:
-                committed.append(0)
-                continue
-            new = drafted[b, : acc_list[b]].tolist() + [int(nxt[b])]
-            stats.drafted += g
-            stats.accepted += acc_list[b]
-            take = []
-            for t in new:
-                take.append(t)
-                if t in stop_ids:
-                    done[b], reasons[b] = True, "stop"
-                    break
-                if len(seqs[b]) - P + len(take) >= max_tokens or len(seqs[b]) + len(take) >= ctx:
-                    done[b], reasons[b] = True, "length"
-                    break
-            seqs[b].extend(take)
-            committed.append(len(take))
-        new_tokens = max(committed)
-        for j in range(new_tokens):  # count the committed tokens in the pipeline's penalty state
-            col = torch.tensor([seqs[b][len(seqs[b]) - committed[b] + j] if j < committed[b] else 0
-                                for b in range(B)])
-            rows.append(col, active=torch.tensor([j < c for c in committed]))
-        stats.generated += sum(committed)
-        stats.rounds += 1
-        per_round.append(acc_list)
-        d.commit(seqs, n_acc)
-        rnd += 1
-    stats.seconds = time.perf_counter() - t0
-    stats.draft_forwards = getattr(d, "forwards", 0)
-    out = [s[P:] for s in seqs]
+        params = replace(params, max_tokens=max_tokens)
+    if seeds is None:
+        seeds = sample_seeds(params, params.n if n is None else n, seed)
+    ctx = model.config.context_length
+    d = make_draft(draft, model, load=_loader(target))
+    # The rounds run in a scheduler of their own (``SpecGroup``, the mode the engine's scheduler runs for
+    # the CLI and the server): the same code, so this function is the mode, not a second loop.
+    from .beam import _IdsOnly
+    from .scheduler import Request, Scheduler
+
+    group = SpecGroup(prompt_ids, params, seeds, d, gamma, eos, model.config.vocab_size, ctx)
+    B = len(seeds)
+    sched = Scheduler(model, tokenizer if tokenizer is not None else _IdsOnly(eos), max_batch=B, max_len=ctx,
+                      kv_tokens=B * (group.cache_len + gamma + 64) + len(prompt_ids) + 64)  # + whole-block slack
+    group.requests = [Request(list(prompt_ids), params, seeds[i], index=i, spec=group) for i in range(B)]
+    sched.add(group.requests)
+    while not all(r.finished for r in group.requests):
+        sched.step()
+    stop_ids = stop_token_set(params, eos)
+    out = [list(r.output_ids) for r in group.requests]
     texts = [tokenizer.decode([t for t in o if t not in stop_ids]) for o in out] if tokenizer else None
-    return SpeculativeOutput(out, reasons, stats, texts, per_round)
+    return SpeculativeOutput(out, [r.finish_reason for r in group.requests], group.stats, texts, group.per_round)
 
 
 def _loader(target):
@@ -521,6 +470,7 @@ class SpecGroup:
         self.tables: list[list[int]] = [[] for _ in range(self.W)]
         self.live_rows = [True] * self.W
         self.stats = SpeculativeStats()
+        self.per_round: list[list[int]] = []  # accepted drafts per round, per row
         self.rnd = 0
         self.requests: list = []  # the scheduler's visible requests, one per row
         self.reserved = 0
@@ -594,6 +544,7 @@ class SpecGroup:
             rows.append(col, active=torch.tensor([j < c for c in committed]))
         self.stats.generated += sum(committed)
         self.stats.rounds += 1
+        self.per_round.append(acc)
         self.draft.commit(self.seqs, n_acc)
         self.rnd += 1
         if not any(self.live_rows):

@@ -62,10 +62,7 @@ class PagedKVCache:
         self.config, self.dtype = config, dtype
         self.block_size, self.capacity = block_size, capacity  # capacity includes the scratch block
         self.kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
-        n = min(capacity, max(2, initial_blocks))
-        shape = (n, self.kv_heads, block_size, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
+        self._allocate(min(capacity, max(2, initial_blocks)))
         self.refs = [0] * capacity
         self.refs[SCRATCH] = 1  # never handed out
         self._free = list(range(capacity - 1, 0, -1))  # pop() gives the lowest id: the pool grows late
@@ -88,7 +85,7 @@ class PagedKVCache:
 
     def nbytes(self) -> int:
         """Bytes the pool holds now (it grows with use)."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return self.pool.numel() * self.pool.element_size()
 
     def num_free(self) -> int:
         """Blocks that can be handed out now: free, or cached and held by no table (evictable)."""
@@ -103,16 +100,23 @@ class PagedKVCache:
         return len(self._evictable)
 
     # ---- allocation ----------------------------------------------------------------------------
+    def _allocate(self, blocks: int) -> None:
+        """One tensor for every layer's keys and values, [layers, 2, blocks, K, bs, D]; ``k[i]`` and ``v[i]``
+        are contiguous views of it. One large allocation is memory-mapped by the allocator, so the old pool
+        goes back to the system when it grows (per-layer pieces would stay in the heap)."""
+        old = getattr(self, "pool", None)
+        shape = (self.config.num_layers, 2, blocks, self.kv_heads, self.block_size, self.head_dim)
+        self.pool = torch.zeros(shape, dtype=self.dtype)
+        if old is not None:
+            self.pool[:, :, : old.shape[2]] = old
+        self.k = [self.pool[i, 0] for i in range(self.config.num_layers)]
+        self.v = [self.pool[i, 1] for i in range(self.config.num_layers)]
+
     def _grow_to(self, block: int) -> None:
         n = self.allocated_blocks
         if block < n:
             return
-        new = min(self.capacity, max(2 * n, block + 1))
-        for pools in (self.k, self.v):
-            for i, t in enumerate(pools):
-                bigger = torch.zeros((new, *t.shape[1:]), dtype=t.dtype)
-                bigger[:n] = t
-                pools[i] = bigger
+        self._allocate(min(self.capacity, max(2 * n, block + 1)))
 
     def allocate(self) -> int:
         if self._free:

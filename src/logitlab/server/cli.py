@@ -23,8 +23,11 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
                    "(default: $LOGITLAB_API_KEY if set)")
-    s.add_argument("--max-batch", type=int, default=32, help="KV-cache slots = the largest decode batch")
-    s.add_argument("--max-len", type=int, default=2048, help="tokens per slot (prompt + completion)")
+    s.add_argument("--max-batch", type=int, default=32, help="the largest decode batch (rows)")
+    s.add_argument("--max-len", type=int, default=2048, help="tokens per request (prompt + completion)")
+    s.add_argument("--kv-memory", type=float, default=None, metavar="GB",
+                   help="KV-cache budget (default: what --max-batch requests of --max-len need, at most half the "
+                        "free memory); memory is taken as blocks are used")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     s.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
@@ -95,6 +98,8 @@ def _check(a) -> None:
             raise ParamError("allowed-host", "must not be empty")
     if not 0 <= a.port <= 65535:
         raise ParamError("port", f"must be in [0, 65535], got {a.port}")
+    if a.kv_memory is not None and not 0 < a.kv_memory < 1e6:  # also false for nan
+        raise ParamError("kv-memory", f"must be a positive number of GB, got {a.kv_memory}")
     for name in a.served_model_name or []:
         if not name.strip():
             raise ParamError("served-model-name", "must not be empty")
@@ -166,7 +171,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         if not _is_loopback(a.host) and api_key is None:
             print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use it",
                   file=sys.stderr)
-        engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, max_batch=a.max_batch, max_len=a.max_len)
+        engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, max_batch=a.max_batch, max_len=a.max_len,
+                             kv_memory=a.kv_memory)
         app = create_app(engine, api_key=api_key, max_queue=a.max_queue, max_body_bytes=a.max_body_bytes,
                          model_names=a.served_model_name, limits=limits_from_args(a), bind_host=a.host,
                          allowed_hosts=a.allowed_host)

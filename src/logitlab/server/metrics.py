@@ -100,11 +100,11 @@ class Metrics:
             lines += self.ttft.lines("logitlab_time_to_first_token_seconds")
         if runner is not None:
             sched = runner.scheduler
-            lines += ["# HELP logitlab_queue_depth Requests waiting for a KV-cache slot.",
+            lines += ["# HELP logitlab_queue_depth Requests waiting for a row and KV blocks.",
                       "# TYPE logitlab_queue_depth gauge", f"logitlab_queue_depth {runner.queued}",
                       "# HELP logitlab_running_requests Requests in the running decode batch.",
                       "# TYPE logitlab_running_requests gauge", f"logitlab_running_requests {runner.running}",
-                      "# HELP logitlab_max_batch KV-cache slots (the largest decode batch).",
+                      "# HELP logitlab_max_batch Rows of the largest decode batch.",
                       "# TYPE logitlab_max_batch gauge", f"logitlab_max_batch {sched.max_batch}",
                       "# HELP logitlab_scheduler_steps_total Scheduler steps run.",
                       "# TYPE logitlab_scheduler_steps_total counter",
