@@ -140,7 +140,7 @@ def test_params_run_through_the_pipeline_and_bad_values_are_named():
 @pytest.mark.real_model
 def test_real_model_beams_and_cli_path(real_engine):
     from logitlab.classify import continuation_logprobs
-    from logitlab.decoding.cli_ext import DriverOptions, generate_with_driver
+    from logitlab.decoding.modes import DriverOptions, generate_with_driver
 
     prompt = "The capital of France is"
     res, extra = generate_with_driver(real_engine, prompt, SamplingParams(temperature=0.0, max_tokens=6, n=3),

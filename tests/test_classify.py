@@ -95,7 +95,8 @@ def test_bad_examples_are_named():
 def test_driver_options_from_cli_flags_and_request_fields():
     import argparse
 
-    from logitlab.decoding.cli_ext import DriverOptions, add_driver_commands, add_driver_flags
+    from logitlab.cli_drivers import add_driver_commands, add_driver_flags
+    from logitlab.decoding.modes import DriverOptions
 
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command")

@@ -241,7 +241,7 @@ def test_engine_loads_the_directory_and_greedy_matches_transformers(hf_dir, engi
 
 
 def test_every_decoding_driver_runs_on_gpt2(engine):
-    from logitlab.decoding.cli_ext import DriverOptions, generate_with_driver
+    from logitlab.decoding.modes import DriverOptions, generate_with_driver
 
     prompt = "Hello"
     greedy = engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from logitlab.decoding.beam import beam_search
-from logitlab.decoding.cli_ext import DriverOptions, beam_group
+from logitlab.decoding.modes import DriverOptions, beam_group
 from logitlab.engine import Engine
 from logitlab.sampling import ParamError, SamplingParams
 
@@ -138,7 +138,7 @@ def test_contrastive_rows_in_the_scheduler_equal_the_contrastive_loop(engine, te
 def test_speculative_rows_in_the_scheduler_equal_the_speculative_loop(engine, draft, temperature):
     """Speculative decoding as scheduler rows (verification over the paged cache, commits through the one
     stop policy) gives the loop's tokens exactly, batched beside an ordinary request."""
-    from logitlab.decoding.cli_ext import spec_group
+    from logitlab.decoding.modes import spec_group
     from logitlab.decoding.speculative import speculative_generate
 
     ids = engine.encode_prompt("one two three one two three one two")

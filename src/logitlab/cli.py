@@ -11,7 +11,7 @@ import os
 import re
 import sys
 
-from .decoding.cli_ext import (
+from .cli_drivers import (
     add_driver_commands,
     add_driver_flags,
     check_driver_args,

@@ -24,150 +24,54 @@ bodies only (CSRF), and bounds what one request may ask for (``guards.Limits``);
 templates render in worker processes under a time and memory budget (``sandbox.py``), never on the event
 loop or the runner thread; a non-streaming request whose client leaves is cancelled at once; a 429 says
 when to retry (``Retry-After``).
+
+Layout: ``create_app`` holds what needs the app's state (auth, the runner, the routes); the rest is by
+concern: ``errors.py`` (OpenAI error objects, exception handlers), ``parsing.py`` (request bodies, sampling
+parameters, driver fields), ``responses.py`` (JSON, completions, extra fields), ``streaming.py`` (SSE).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
-import logging
-import math
-import re
 import time
 import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel
 
-from ..decoding.cli_ext import DriverOptions, generate_with_driver
-from ..engine import Completion, GenerationResult
-from ..openai_format import TextOffsets, chat_logprobs, completion_response, logprobs_chunk, prompt_offsets
+from ..decoding.modes import DriverOptions, generate_with_driver
+from ..engine import GenerationResult
+from ..openai_format import TextOffsets, completion_response, logprobs_chunk, prompt_offsets
 from ..sampling import ParamError, SamplingParams
-from . import conformance, schemas, tools
+from . import conformance, parsing, schemas, tools
 from .distribution import next_token_distribution
-from .guards import Guard, HostPolicy, Limits, check_driver_sizes, is_json, not_json_message
+from .errors import APIError, _driver_errors, add_error_handlers, error_response, queue_full
+from .guards import Guard, HostPolicy, Limits
 from .metrics import Metrics
+from .parsing import _logit_bias, _prompts, contrastive_of, driver_cost, is_streamable
+from .responses import _chat_logprobs, _completion, _json, merged_extra, mode_extra
 from .runner import QueueFull, Runner
-from .sandbox import EngineSandbox, SandboxError
-
-log = logging.getLogger("logitlab.server")
+from .sandbox import EngineSandbox
+from .streaming import (
+    _ClientGone,
+    _Gone,
+    _include_usage,
+    _sse_response,
+    _Stream,
+    _watch_disconnect,
+    replay_chat,
+    replay_completion,
+    sse,
+    with_trace_and_error,
+)
 
 STATIC = Path(__file__).parent / "static"
-MAX_STOP = 4  # OpenAI's limit on stop strings
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status, headers=headers)
-
-
-RETRY_AFTER_S = 1  # a full queue drains by a few rows per decode step: a second later there is usually room
-
-
-def queue_full(e: Exception) -> APIError:
-    """429 for a full queue (or a full worker pool), with ``Retry-After`` as OpenAI's API sends it."""
-    return APIError(429, str(e), type_="rate_limit_error", code="queue_full",
-                    headers={"Retry-After": str(RETRY_AFTER_S)})
-
-
-def sandbox_refusal(e: SandboxError) -> APIError:
-    if e.kind == "busy":
-        return queue_full(e)
-    return APIError(503, f"the server cannot take this request now ({e.kind}: {e.message})", type_="server_error",
-                    code="unavailable")
-
-
-class _Gone:
-    """Put on a stream's queue when its client disconnects."""
-
-
-class _ClientGone(Exception):
-    pass
-
-
-_UNION_HINTS = {
-    "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
-    "stop": "must be a string or a list of strings",
-    "tool_choice": "must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}",
-}
-
-
-def _validation_error(e: ValidationError) -> APIError:
-    errs = e.errors(include_url=False)
-    for er in errs:
-        if er["type"] == "extra_forbidden":
-            name = ".".join(str(p) for p in er["loc"])
-            return APIError(400, f"Unrecognized request argument supplied: {name}", param=name,
-                            code="unknown_parameter")
-    er = errs[0]
-    loc = [str(p) for p in er["loc"]]
-    field = loc[0] if loc else None
-    if er["type"] == "missing":
-        return APIError(400, f"{'.'.join(loc)}: a value is required", param=field, code="missing_parameter")
-    if field in _UNION_HINTS and len(loc) >= 1:
-        return APIError(400, f"{field}: {_UNION_HINTS[field]}", param=field, code="invalid_type")
-    path = ".".join(p for p in loc if not any(c in p for c in "[]"))
-    return APIError(400, f"{path or field}: {er['msg']}", param=field, code="invalid_type")
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a valid JSON number")
-
-
-def _check_strings(data) -> None:
-    """Reject lone surrogates (valid JSON escapes, not valid Unicode text) anywhere in the body."""
-    stack = [data]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, str):
-            try:
-                x.encode("utf-8")
-            except UnicodeEncodeError:
-                raise APIError(400, "The request body contains a string that is not valid Unicode "
-                                    "(a lone surrogate escape)", code="invalid_json") from None
-        elif isinstance(x, dict):
-            stack.extend(x.keys())
-            stack.extend(x.values())
-        elif isinstance(x, list):
-            stack.extend(x)
-
-
-class _Stream:
-    """The asyncio end of one submission: the runner thread puts (event, trace) here."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def sink(self, ev, trace) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (ev, trace))
-
-
-async def _watch_disconnect(request: Request, stream: _Stream) -> None:
-    """Wake the stream's reader the moment its client goes away: the ASGI server sends ``http.disconnect``
-    when the connection closes (the body has been read by now, so nothing else arrives here)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            stream.queue.put_nowait(_Gone)
-            return
 
 
 def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_body_bytes: int = 1 << 20,
@@ -209,40 +113,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
     app.state.sandbox, app.state.limits = sandbox, limits
 
     # ---- errors ------------------------------------------------------------------------------
-    @app.exception_handler(APIError)
-    async def _api_error(request, e: APIError):
-        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
-
-    @app.exception_handler(QueueFull)
-    async def _queue_full(request, e: QueueFull):
-        return await _api_error(request, queue_full(e))
-
-    @app.exception_handler(SandboxError)
-    async def _sandbox_error(request, e: SandboxError):  # a worker pool full or closed (sandbox.py)
-        return await _api_error(request, sandbox_refusal(e))
-
-    @app.exception_handler(ParamError)
-    async def _param_error(request, e: ParamError):
-        return error_response(400, str(e), param=getattr(e, "field", None), code="invalid_value")
-
-    @app.exception_handler(RequestValidationError)
-    async def _request_validation(request, e: RequestValidationError):
-        return error_response(400, "invalid request", code="invalid_request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e: StarletteHTTPException):
-        if e.status_code == 404:
-            return error_response(404, f"Unknown route: {request.method} {request.url.path}",
-                                  code="not_found")
-        if e.status_code == 405:
-            return error_response(405, f"Method {request.method} is not allowed on {request.url.path}",
-                                  code="method_not_allowed")
-        return error_response(e.status_code, str(e.detail))
-
-    @app.exception_handler(Exception)
-    async def _internal(request, e: Exception):
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal error: {type(e).__name__}", type_="server_error")
+    add_error_handlers(app)  # errors.py: OpenAI error objects for every exception
 
     # ---- metrics middleware (pure ASGI, so streamed responses are timed to their end) ---------
     class _Timing:
@@ -290,31 +161,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     async def read_body(request: Request, model: type[BaseModel]):
-        cl = request.headers.get("content-length")
-        if cl is not None and cl.isdigit() and int(cl) > max_body_bytes:
-            raise APIError(413, f"The request body is {int(cl)} bytes; this server accepts at most "
-                                f"{max_body_bytes}", code="request_too_large")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise APIError(413, f"The request body is larger than this server accepts "
-                                    f"({max_body_bytes} bytes)", code="request_too_large")
-        if not is_json(request.headers.get("content-type")):  # CSRF: see guards.py
-            raise APIError(415, not_json_message(request.headers.get("content-type")), code="unsupported_media_type")
-        try:
-            data = json.loads(bytes(body), parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as e:
-            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise APIError(400, f"We could not parse the JSON body of your request ({msg}).",
-                           code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
-        _check_strings(data)
-        try:
-            return model.model_validate(data)
-        except ValidationError as e:
-            raise _validation_error(e) from None
+        return await parsing.read_body(request, model, max_body_bytes)
 
     def check_model(name: str | None) -> str:
         if name is not None and name not in served:
@@ -323,24 +170,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         return name or served[0]
 
     def sampling_params(body: schemas._Sampling, **extra) -> SamplingParams:
-        kw = {f: getattr(body, f) for f in schemas.PASS_THROUGH if getattr(body, f) is not None}
-        if body.stop is not None:
-            stop = [body.stop] if isinstance(body.stop, str) else list(body.stop)
-            if len(stop) > MAX_STOP:
-                raise ParamError("stop", f"at most {MAX_STOP} stop strings, got {len(stop)}")
-            kw["stop"] = stop
-        if body.logit_bias is not None:
-            kw["logit_bias"] = _logit_bias(body.logit_bias)
-        kw.update({k: v for k, v in extra.items() if v is not None})
-        n = kw.get("n", 1)
-        if n > max_batch:
-            raise ParamError("n", f"must be at most {max_batch} (this server's --max-batch), got {n}")
-        try:
-            return SamplingParams(**kw)
-        except ParamError:
-            raise
-        except (TypeError, ValueError) as e:
-            raise APIError(400, f"invalid sampling parameters: {e}", code="invalid_value") from None
+        return parsing.sampling_params(body, max_batch, **extra)
 
     def make_groups(prompts: list, params: SamplingParams, constraint=None, contrastive=None) -> list:
         total = len(prompts) * params.n
@@ -414,9 +244,6 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             return APIError(500, bad[0].error, type_="server_error")
         return None
 
-    def sse(obj) -> str:
-        return f"data: {json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False)}\n\n"
-
     def prompt_text(p) -> str:
         return p if isinstance(p, str) else tok.decode(p)
 
@@ -427,63 +254,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
 
     # ---- decoding drivers: search, structured output, contrastive and speculative decoding ------------
     def driver_options(body) -> tuple[DriverOptions | None, object]:
-        """(options, constraint spec or None) from the request's decoding-driver fields; (None, None) without."""
-        data = {}
-        for f in schemas.DRIVER_FIELDS:
-            v = getattr(body, f, None)
-            if v is not None:
-                data[f] = v.model_dump(exclude_none=True, by_alias=True) if isinstance(v, BaseModel) else v
-        rf = data.get("response_format")
-        if rf is not None and rf["type"] == "json_schema" and not (rf.get("json_schema") or {}).get("schema"):
-            raise ParamError("response_format", "type json_schema needs json_schema.schema (a JSON schema object)")
-        if rf is not None and rf["type"] != "text" and "guided_json" in data:
-            raise ParamError("guided_json", "give guided_json or response_format, not both")
-        if rf is not None and rf["type"] == "json_object":
-            # xgrammar's builtin JSON grammar takes any JSON value with free whitespace; OpenAI's json_object
-            # means an object, and the compact schema grammar keeps small models out of endless whitespace
-            data["response_format"] = {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}
-        # sizes first (guards.Limits), before anything is parsed or compiled; a string is always the schema or
-        # grammar itself (DriverOptions.from_request never reads, nor even looks for, a file)
-        check_driver_sizes(data, limits)
-        if data.get("guided_grammar"):  # Lark or EBNF -> xgrammar's EBNF (conformance.py)
-            data["guided_grammar"] = conformance.grammar_to_ebnf(data["guided_grammar"])
-        choice = data.get("guided_choice")
-        if choice is not None and (not choice or not all(choice)):
-            raise ParamError("guided_choice", "needs at least one choice, each a non-empty string")
-        amateur = (data.get("contrastive") or {}).get("amateur")
-        if amateur is not None and not _AMATEUR.fullmatch(amateur):
-            raise ParamError("contrastive", f"amateur must be early-exit:K on this server, got {amateur!r}")
-        draft = (data.get("speculative") or {}).get("draft")
-        if draft is not None and not _DRAFT.fullmatch(draft):
-            raise ParamError("speculative", f"draft must be early-exit:K, ngram, ngram:N or int8 on this server, "
-                                            f"got {draft!r}")
-        if "length_penalty" in data and "beam_width" not in data:
-            raise ParamError("length_penalty", "applies to beam search only (set beam_width)")
-        with _driver_errors(rf):
-            opts = DriverOptions.from_request(data)
-            if not opts.requested():
-                return None, None
-            opts.validate()
-            return opts, opts.spec()
-
-    def is_streamable(opts: DriverOptions) -> bool:
-        """A constraint, and contrastive decoding against the model's own first K layers (the only amateur
-        this server takes): they run as rows of the scheduler's continuous batch."""
-        return not (opts.beam_width is not None or opts.speculative or opts.choice)
-
-    def contrastive_of(opts: DriverOptions | None):
-        """(K, alpha, amateur temperature) for ``Engine.make_requests``, or None."""
-        if opts is None or not opts.contrastive_amateur:
-            return None
-        return int(opts.contrastive_amateur.split(":", 1)[1]), float(opts.contrastive_alpha), 1.0
-
-    def mode_extra(opts: DriverOptions | None, spec) -> dict | None:
-        extra = {}
-        if spec is not None:
-            extra["constraint"] = spec.kind
-        if contrastive_of(opts) is not None:
-            extra["contrastive"] = {"amateur": opts.contrastive_amateur, "alpha": opts.contrastive_alpha}
-        return extra or None
+        return parsing.driver_options(body, limits)
 
     async def compile_spec(spec, rf):
         """``spec`` compiled in a grammar worker (time and memory budget, bounded cache; sandbox.py)."""
@@ -491,13 +262,6 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             return await sandbox.compile(spec)
 
     app.state.compile_spec = sandbox.compile  # for other routes (the playground's views)
-
-    def driver_cost(opts: DriverOptions, params: SamplingParams, prompts: int) -> int:
-        """Rows of queue a driver run stands for: its samples, or the choices it scores (once, and once
-        more per sample when it samples)."""
-        if opts.choice:
-            return prompts * len(opts.choice) * (1 + (params.n if params.temperature > 0 else 0))
-        return prompts * params.n
 
     def encode(p, field: str = "prompt") -> list[int]:
         try:
@@ -511,7 +275,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
                         t0: float):
         """Beam searches and speculative decodes as modes of the scheduler: submitted like any request
         (batched with the running ones, so nobody's stream pauses); [(GenerationResult, extra)] when done."""
-        from ..decoding.cli_ext import beam_completion, beam_group, spec_completion, spec_group
+        from ..decoding.modes import beam_completion, beam_group, spec_completion, spec_group
 
         constraint = await compile_spec(spec, rf) if spec is not None else None
         beam = opts.beam_width is not None
@@ -565,13 +329,6 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         metrics.record_tokens(prompt=sum(len(i) for i in ids),
                               generated=sum(len(c.token_ids) for r, _ in out for c in r.choices))
         return out
-
-    def merged_extra(out: list, spec) -> dict:
-        extras = [e for _, e in out]
-        extra = dict(extras[0]) if len(extras) == 1 else {k: [e.get(k) for e in extras] for k in extras[0]}
-        if spec is not None:
-            extra["constraint"] = spec.kind
-        return extra
 
     # ---- OpenAI / vLLM conformance (conformance.py): prompt_logprobs, driver logprobs, usage chunks ----
     async def prompt_lps(k: int | None, ids_list: list) -> list | None:
@@ -654,28 +411,6 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
         resp = completion_response(tok, model, results, echo=bool(body.echo), logprobs=want_lp,
                                    extra=mode_extra(opts, spec))
         return _json(conformance.add_prompt_logprobs(resp, plp, n) if plp is not None else resp)
-
-    async def replay_completion(resp: dict, include_usage: bool):
-        """A finished (driver) completion as SSE: one chunk per choice, one with the extra fields."""
-        head = {k: resp[k] for k in ("id", "object", "created", "model")}
-        for choice in resp["choices"]:
-            out = {**head, "choices": [choice]}
-            if include_usage:
-                out["usage"] = None
-            yield sse(out)
-        tail = {**head, "choices": [], **{k: v for k, v in resp.items() if k not in (*head, "choices", "usage")}}
-        if include_usage:
-            tail["usage"] = resp["usage"]
-        yield sse(tail)
-        yield "data: [DONE]\n\n"
-
-    def with_trace_and_error(choice: dict, ev, trace) -> dict:
-        """A streamed choice carries the step's explainer trace and, on failure, the request's error."""
-        if trace is not None:
-            choice["trace"] = [trace]
-        if ev.finish_reason == "error" and ev.request.error:
-            choice["error"] = ev.request.error
-        return choice
 
     def stream_end(requests, groups, head: dict, include_usage: bool):
         """How every token stream ends: a failure notice if the runner failed, the usage chunk, [DONE]."""
@@ -823,31 +558,6 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
                 "model": model, "choices": choices,
                 "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}, **extra}
 
-    async def replay_chat(resp: dict, include_usage: bool):
-        """A finished (driver) chat completion as SSE chunks: per choice the role, the whole content and
-        the finish reason; then one chunk with no choices carrying the extra fields."""
-        head = {"id": resp["id"], "object": "chat.completion.chunk", "created": resp["created"],
-                "model": resp["model"]}
-
-        def chunk(choice):
-            out = {**head, "choices": [choice]}
-            if include_usage:
-                out["usage"] = None
-            return sse(out)
-
-        for c in resp["choices"]:
-            yield chunk({"index": c["index"], "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None})
-            yield chunk({"index": c["index"], "delta": {"content": c["message"]["content"]},
-                         "logprobs": c["logprobs"], "finish_reason": None})
-            yield chunk({"index": c["index"], "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]})
-        skip = ("id", "object", "created", "model", "choices", "usage")
-        tail = {**head, "choices": [], **{k: v for k, v in resp.items() if k not in skip}}
-        if include_usage:
-            tail["usage"] = resp["usage"]
-        yield sse(tail)
-        yield "data: [DONE]\n\n"
-
     async def stream_chat(request, stream, requests, groups, model, want_lp, include_usage, t0):
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -986,102 +696,3 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
-
-
-# ---- module helpers ------------------------------------------------------------------------------
-
-_AMATEUR = re.compile(r"early-exit:\d+")
-_DRAFT = re.compile(r"early-exit:\d+|ngram(:\d+)?|int8")
-# the drivers' parameter names -> the request fields they come from
-_DRIVER_PARAM = {"regex": "guided_regex", "grammar": "guided_grammar", "choice": "guided_choice",
-                 "json_schema": "guided_json", "json_object": "response_format", "constraint": "guided_json",
-                 "contrastive_amateur": "contrastive", "contrastive_alpha": "contrastive",
-                 "amateur_temperature": "contrastive", "num_speculative_tokens": "speculative"}
-
-
-class _driver_errors:
-    """Rename the drivers' ParamError fields to the request's (``regex`` -> ``guided_regex``, ...);
-    ``rf``: the request has a response_format (a schema then comes from it, not from guided_json)."""
-
-    def __init__(self, rf=None):
-        self.rf = rf
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, typ, e, tb):
-        if isinstance(e, ParamError):
-            field = _DRIVER_PARAM.get(e.field, e.field)
-            if self.rf is not None and field in ("guided_json",):
-                field = "response_format"
-            if field != e.field:
-                raise ParamError(field, e.reason) from None
-        return False
-
-def _finite(x):
-    """JSON has no infinities: -inf (a logprob of a removed token) becomes -9999.0, as in OpenAI's API;
-    nan and +inf become null."""
-    if isinstance(x, float):
-        if math.isfinite(x):
-            return x
-        return -9999.0 if x == -math.inf else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
-def _json(obj, status: int = 200) -> JSONResponse:
-    return JSONResponse(_finite(obj), status_code=status)
-
-
-def _sse_response(gen) -> StreamingResponse:
-    return StreamingResponse(gen, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _include_usage(body) -> bool:
-    return bool(body.stream_options and body.stream_options.include_usage)
-
-
-def _prompts(prompt) -> list:
-    """The request's prompt as a list of prompts (each a string or a list of token ids)."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if not prompt:
-        raise ParamError("prompt", "must not be empty")
-    if isinstance(prompt[0], int):
-        return [list(prompt)]
-    return list(prompt)
-
-
-# A token id as JSON object keys spell it: int() would also take "1_000", " 12", "+5", "007" and "٣"
-_TOKEN_ID_KEY = re.compile(r"0|-?[1-9][0-9]{0,18}")
-
-
-def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
-    out = {}
-    for k, v in bias.items():
-        if not _TOKEN_ID_KEY.fullmatch(k):
-            raise ParamError("logit_bias", f"keys must be token ids written as plain integers, got {k[:40]!r}")
-        tid = int(k)
-        if not math.isfinite(v):
-            raise ParamError("logit_bias", f"bias for token {tid} must be a finite number")
-        out[tid] = v
-    return out
-
-
-def _completion(r) -> Completion:
-    return Completion(
-        index=r.index, text=r.text, token_ids=list(r.output_ids), finish_reason=r.finish_reason,
-        token_logprobs=r.token_logprobs,
-        top_logprobs=r.top_logprobs if r.params.logprobs is not None else None,
-        prompt_logprobs=r.prompt_logprobs, prompt_top_logprobs=r.prompt_top_logprobs,
-        trace=r.trace if r.params.explain else None, error=r.error,
-    )
-
-
-def _chat_logprobs(tok, ids, lps, tops) -> list[dict]:
-    """OpenAI chat ``logprobs.content``: one entry per token with its top alternatives."""
-    return chat_logprobs(tok, ids, lps, tops)

@@ -103,7 +103,7 @@ class _Sampling(BaseModel):
     guided_grammar: str | None = None
 
 
-# The decoding-driver fields (read by ``decoding.cli_ext.DriverOptions.from_request``), chat adds response_format.
+# The decoding-driver fields (read by ``decoding.modes.DriverOptions.from_request``), chat adds response_format.
 DRIVER_FIELDS = ("beam_width", "length_penalty", "contrastive", "speculative", "guided_json", "guided_regex",
                  "guided_choice", "guided_grammar", "response_format")
 

@@ -27,8 +27,10 @@ from ..engine import start_token
 from ..sampling import ParamError, SamplingParams
 from ..tokenizer import IncrementalDetokenizer
 from . import schemas
-from .app import APIError, _json, _logit_bias
 from .distribution import next_token_distribution
+from .errors import APIError
+from .parsing import _logit_bias
+from .responses import _json
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 TokenIds = list[int]
