@@ -41,43 +41,29 @@ class Speculative(BaseModel):
     num_tokens: int | None = None
 
 
-class _Sampling(BaseModel):
-    """The fields both completion endpoints share: OpenAI's, then logitlab's extensions (the names of
-    the core engine's ``SamplingParams``)."""
+class _Knobs(BaseModel):
+    """The sampling pipeline's knobs, shared by the completion endpoints and the distribution routes: OpenAI's
+    names, logitlab's (the core engine's SamplingParams), and llama.cpp's server names for the newer
+    samplers (with transformers' no_repeat_ngram_size)."""
 
     model_config = _STRICT
 
-    model: str | None = None
-    max_tokens: int | None = None
     temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    # extensions
     top_k: int | None = None
+    top_p: float | None = None
     min_p: float | None = None
     typical_p: float | None = None
     epsilon: float | None = None
     eta: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     temperature_frequency_penalty: float | None = None
     temperature_presence_penalty: float | None = None
     penalize_prompt: bool | None = None
-    min_tokens: int | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool | None = None
+    logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None
     banned_token_ids: list[int] | None = None
-    logprobs_mode: Literal["raw", "processed"] | None = None
-    explain: bool | None = None
-    # llama.cpp's server names (and transformers' no_repeat_ngram_size)
     top_n_sigma: float | None = None
     xtc_probability: float | None = None
     xtc_threshold: float | None = None
@@ -92,6 +78,28 @@ class _Sampling(BaseModel):
     dynatemp_range: float | None = None
     dynatemp_exponent: float | None = None
     no_repeat_ngram_size: int | None = None
+
+
+class _Sampling(_Knobs):
+    """The fields both completion endpoints share: OpenAI's, then logitlab's extensions (the names of
+    the core engine's ``SamplingParams``)."""
+
+    model_config = _STRICT
+
+    model: str | None = None
+    max_tokens: int | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # extensions (the names of the core engine's SamplingParams)
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    logprobs_mode: Literal["raw", "processed"] | None = None
+    explain: bool | None = None
     # decoding drivers: search, structured output, contrastive and speculative decoding (see app.py)
     beam_width: int | None = None
     length_penalty: float | None = None
@@ -246,7 +254,7 @@ class DetokenizeRequest(BaseModel):
     tokens: TokenIds
 
 
-class DistributionRequest(BaseModel):
+class DistributionRequest(_Knobs):
     """The next-token distribution after ``prompt`` (+ ``generated``, which the penalties count as
     output), before and after the knobs: for the playground's chart."""
 
@@ -255,36 +263,6 @@ class DistributionRequest(BaseModel):
     prompt: str | TokenIds
     generated: TokenIds = []
     top: int = Field(default=50, ge=1, le=200)
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    typical_p: float | None = None
-    epsilon: float | None = None
-    eta: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    temperature_frequency_penalty: float | None = None
-    temperature_presence_penalty: float | None = None
-    penalize_prompt: bool | None = None
-    logit_bias: dict[str, float] | None = None
-    allowed_token_ids: list[int] | None = None
-    banned_token_ids: list[int] | None = None
-    top_n_sigma: float | None = None
-    xtc_probability: float | None = None
-    xtc_threshold: float | None = None
-    dry_multiplier: float | None = None
-    dry_base: float | None = None
-    dry_allowed_length: int | None = None
-    dry_penalty_last_n: int | None = None
-    dry_sequence_breakers: list[str] | None = None
-    mirostat: int | None = None
-    mirostat_tau: float | None = None
-    mirostat_eta: float | None = None
-    dynatemp_range: float | None = None
-    dynatemp_exponent: float | None = None
-    no_repeat_ngram_size: int | None = None
 
 
 DIST_PASS_THROUGH = (
