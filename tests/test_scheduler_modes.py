@@ -158,3 +158,44 @@ def test_speculative_rows_in_the_scheduler_equal_the_speculative_loop(engine, dr
     while sched.has_work():
         sched.step()
     assert plain[0].finished and sched.cache.used_blocks() == 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_choice_scores_options_as_rows_a_chunk_per_step(engine, temperature):
+    """guided_choice inside the scheduler: the options' log-probabilities are classify's, scored a few per
+    step (more options than the batch has rows), while a neighbour keeps decoding; the picks are the ones
+    classify.rank_choices makes from them."""
+    from logitlab.classify import continuation_logprobs, rank_choices
+    from logitlab.decoding.modes import choice_group
+    from logitlab.sampling.rng import derive_seed
+
+    options = [f"option number {i}" for i in range(20)]  # 20 options > max_batch (8): 5 chunks of 4
+    ids = engine.encode_prompt("Pick one:")
+    params = SamplingParams(max_tokens=8, temperature=temperature, seed=2, n=3)
+    sched = engine.scheduler
+    plain = engine.make_requests("a neighbour", SamplingParams(max_tokens=30, temperature=0.7, seed=1,
+                                                               ignore_eos=True))
+    sched.add(plain)
+    sched.step()
+    group = choice_group(engine, ids, params, DriverOptions(choice=options))
+    sched.add(group.requests)
+    steps = 0
+    while not group.done:
+        before = len(plain[0].output_ids)
+        sched.step()
+        steps += 1
+        assert len(plain[0].output_ids) == before + 1  # the neighbour never waits for all the options
+    sched.step()  # the step that hands out the picks
+    assert steps >= 3 and all(r.finish_reason == "stop" for r in group.requests)
+    ref = continuation_logprobs(engine, ids, options)
+    for got, want in zip(group.per_token, ref, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+    ranked = rank_choices(options, ref)
+    order = sorted(range(len(options)), key=lambda i: -ranked.probs[i])
+    for i, r in enumerate(group.requests):
+        want = order[i] if temperature == 0 else rank_choices(
+            options, ref, temperature, derive_seed(2, i) % (1 << 63)).index
+        assert r.text == options[want]
+    while sched.has_work():
+        sched.step()
+    assert sched.cache.used_blocks() == 0

@@ -105,6 +105,13 @@ def choose(model_or_engine, prompt, choices: Sequence, temperature: float = 0.0,
     if not temperature >= 0:
         raise ParamError("temperature", f"must be >= 0, got {temperature!r}")
     per_token = continuation_logprobs(model_or_engine, prompt, choices)
+    return rank_choices(choices, per_token, temperature, seed, normalize)
+
+
+def rank_choices(choices: Sequence, per_token: list[list[float]], temperature: float = 0.0,
+                 seed: int | None = None, normalize: str = "sum") -> ChoiceResult:
+    """The pick among ``choices`` from their per-token log-probabilities (``continuation_logprobs``): the
+    argmax at temperature 0, else a draw from softmax(score / T) seeded by ``seed``."""
     totals = [sum(v) for v in per_token]
     keys = totals if normalize == "sum" else [t / len(v) for t, v in zip(totals, per_token, strict=True)]
     k = torch.tensor(keys, dtype=torch.float64)

@@ -163,6 +163,36 @@ def beam_group(engine, prompt_ids: list[int], params: SamplingParams, opts: Driv
     return group
 
 
+def choice_group(engine, prompt_ids: list[int], params: SamplingParams, opts: DriverOptions):
+    """``guided_choice`` for ``engine.scheduler``: the options scored as rows after the prompt, then each of
+    the ``n`` samples (the group's ``requests``) takes its pick."""
+    from ..engine import next_group
+    from .choice import ChoiceGroup
+    from .scheduler import Request
+
+    options = [engine.tokenizer.encode(c, add_special_tokens=False) for c in opts.choice]
+    if any(not o for o in options):
+        raise ParamError("choice", "every choice needs at least one token")
+    if len(prompt_ids) + max(len(o) for o in options) > engine.max_len:
+        raise ParamError("prompt", f"prompt ({len(prompt_ids)}) + longest choice exceeds the context "
+                                   f"({engine.max_len})")
+    group = ChoiceGroup(prompt_ids, options, params, texts=list(opts.choice))
+    gid = next_group()
+    group.requests = [Request(list(prompt_ids), params, 0, group=gid, index=i, choice=group)
+                      for i in range(params.n)]
+    return group
+
+
+def choice_completion(engine, prompt_ids, params: SamplingParams, opts: DriverOptions, group):
+    """(GenerationResult, extra) of a scored choice group: each sample's pick, and every option's logprob."""
+    picks = [r.output_ids for r in group.requests]
+    res = _completions(engine, prompt_ids, params, picks, ["stop"] * len(picks))
+    for c, r in zip(res.choices, group.requests, strict=True):
+        c.text = r.text
+    ranked = group.ranked
+    return res, {"choice": {"choices": list(opts.choice), "logprobs": ranked.logprobs, "probs": ranked.probs}}
+
+
 def spec_group(engine, prompt_ids: list[int], params: SamplingParams, opts: DriverOptions):
     """Speculative decoding for ``engine.scheduler``: the group, whose ``requests`` (one per sample) stream
     their tokens as they are accepted. The draft: ``early-exit:K``, ``int8``, ``ngram[:N]``."""
@@ -216,26 +246,12 @@ def generate_with_driver(engine, prompt, params: SamplingParams, opts: DriverOpt
         from .constraints import compile_constraint
 
         constraint = compile_constraint(spec, engine)
-    if opts.choice:
-        from ..classify import choose
-        from ..sampling.rng import derive_seed
-
-        ranked = choose(engine, prompt_ids, list(opts.choice))
-        order = sorted(range(len(opts.choice)), key=lambda i: -ranked.probs[i])
-        picks = []
-        for i in range(params.n):
-            if params.temperature == 0:
-                picks.append(order[i % len(order)])
-            else:
-                seed = derive_seed(params.seed if params.seed is not None else 0, i)
-                picks.append(choose(engine, prompt_ids, list(opts.choice), temperature=params.temperature,
-                                    seed=seed % (1 << 63)).index)
-        ids = [engine.tokenizer.encode(opts.choice[i], add_special_tokens=False) for i in picks]
-        res = _completions(engine, prompt_ids, params, ids, ["stop"] * len(ids))
-        for c, i in zip(res.choices, picks, strict=True):
-            c.text = opts.choice[i]
-        extra = {"choice": {"choices": list(opts.choice), "logprobs": ranked.logprobs, "probs": ranked.probs}}
-        return res, extra
+    if opts.choice:  # a mode of the engine's scheduler: options scored as rows, a few per step
+        group = choice_group(engine, prompt_ids, params, opts)
+        engine.scheduler.add(group.requests)
+        while not group.done:
+            engine.scheduler.step()
+        return choice_completion(engine, prompt_ids, params, opts, group)
     if opts.beam_width is not None:  # a mode of the engine's scheduler: step it until the search is decided
         group = beam_group(engine, prompt_ids, params, opts, constraint)
         engine.scheduler.add(group.requests)

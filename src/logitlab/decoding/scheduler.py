@@ -62,6 +62,7 @@ class Request:
     constraint: object = None  # a constraints.ConstraintState: grammar / JSON schema / regex position
     beam: object = None  # a beam.BeamGroup this request is one hypothesis of (the group holds the rows)
     spec: object = None  # a speculative.SpecGroup this request is one row of
+    choice: object = None  # a choice.ChoiceGroup this request is one sample of
     # contrastive decoding against the model's own first K layers: (K, alpha, amateur temperature); the
     # row samples from the contrastive scores (decoding/contrastive.py) read from the same forward pass
     contrastive: tuple[int, float, float] | None = None
@@ -137,7 +138,7 @@ class Scheduler:
         """Queue requests (checked by ``check_fits`` in ``Engine.make_requests``); the ``n`` samples of
         one prompt are added together (same group). The hypotheses of a beam search queue their group."""
         for r in requests:
-            group = r.beam or r.spec
+            group = r.beam or r.spec or r.choice
             if group is None:
                 self.waiting.append(r)
             elif r is group.requests[0]:
@@ -146,7 +147,7 @@ class Scheduler:
     def add_beam(self, group) -> None:
         """Queue a beam search (``beam.BeamGroup``) or a speculative decode (``speculative.SpecGroup``):
         ``group.W`` rows of the batch once admitted."""
-        field_name = "beam_width" if group.kind == "beam" else "n"
+        field_name = {"beam": "beam_width", "choice": "guided_choice"}.get(group.kind, "n")
         if self.cache is None:
             raise ParamError(field_name, f"{group.kind} decoding needs the KV cache (not --no-kv-cache)")
         if group.W > self.max_batch:
@@ -218,10 +219,14 @@ class Scheduler:
             self._activate(admitted, len(running))
         for g in [g for g in self.groups if not g.done and g.kind == "speculative"]:
             events += g.round(self)  # draft, verify in one target forward, commit (streams tokens)
+        for g in [g for g in self.groups if not g.done and g.kind == "choice"]:
+            g.score_chunk(self)  # the next few options, as rows over the prompt's blocks
         if new_groups:
             if any(g.kind == "beam" for g in new_groups):
                 self._prefill_groups([g for g in new_groups if g.kind == "beam"])
             for g in new_groups:
+                if g.kind == "choice":
+                    g.prefill(self)
                 if g.kind == "speculative":
                     for r in g.requests:
                         self._state[r.id] = (IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
@@ -237,6 +242,9 @@ class Scheduler:
             self.groups.remove(g)
             if g.kind == "beam":
                 events += self._group_events(g, "abort" if g.aborted else None)
+                continue
+            if g.kind == "choice":
+                events += self._choice_events(g)
                 continue
             for r in g.requests:  # speculative rows streamed their tokens; an abort ends the rest
                 self._state.pop(r.id, None)
@@ -489,6 +497,21 @@ class Scheduler:
     def _text_tokenizer(self):
         """The tokenizer, or None when the scheduler runs a bare model on token ids."""
         return None if getattr(self.tokenizer, "ids_only", False) else self.tokenizer
+
+    def _choice_events(self, g) -> list[TokenEvent]:
+        """A scored choice group: each sample's request becomes its pick (or is aborted)."""
+        events = []
+        if g.aborted:
+            for r in g.requests:
+                if not r.finished:
+                    events.append(self._finish(r, "abort"))
+            return events
+        g.ranked, picks = g.picks()
+        for r, i in zip(g.requests, picks, strict=True):
+            r.output_ids = list(g.options[i])
+            text = g.texts[i] if g.texts is not None else ""
+            events.append(self._finish(r, "stop", text=text))
+        return events
 
     def _group_events(self, g, reason: str | None) -> list[TokenEvent]:
         """A decided (or aborted) beam search: its visible requests become the ``n`` best hypotheses."""

@@ -273,17 +273,21 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
 
     async def run_beams(request: Request, ids: list, params: SamplingParams, opts: DriverOptions, spec, rf,
                         t0: float):
-        """Beam searches and speculative decodes as modes of the scheduler: submitted like any request
-        (batched with the running ones, so nobody's stream pauses); [(GenerationResult, extra)] when done."""
-        from ..decoding.modes import beam_completion, beam_group, spec_completion, spec_group
+        """Beam searches, speculative decodes and choices as modes of the scheduler: submitted like any
+        request (batched with the running ones, so nobody's stream pauses); [(GenerationResult, extra)]."""
+        from ..decoding import modes
 
         constraint = await compile_spec(spec, rf) if spec is not None else None
-        beam = opts.beam_width is not None
+        if opts.beam_width is not None:
+            make, done = (lambda i: modes.beam_group(engine, i, params, opts, constraint)), modes.beam_completion
+        elif opts.speculative:
+            make, done = (lambda i: modes.spec_group(engine, i, params, opts)), modes.spec_completion
+        else:
+            make, done = (lambda i: modes.choice_group(engine, i, params, opts)), modes.choice_completion
         with _driver_errors(rf):
-            groups = [beam_group(engine, i, params, opts, constraint) if beam else spec_group(engine, i, params, opts)
-                      for i in ids]
+            groups = [make(i) for i in ids]
             for g in groups:
-                engine.scheduler.check_fits(len(g.prompt_ids), params.max_tokens)
+                engine.scheduler.check_fits(len(g.prompt_ids), g.max_tokens if opts.choice else params.max_tokens)
         stream = _Stream(asyncio.get_running_loop())
         requests = [r for g in groups for r in g.requests]
         try:
@@ -298,8 +302,7 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
             if any(r.finish_reason == "error" for r in requests):
                 raise ParamError("beam_width", next(r.error for r in requests if r.error) or "beam search failed")
             out = await asyncio.wrap_future(runner.call(
-                lambda: [(beam_completion if beam else spec_completion)(engine, i, params, opts, g)
-                         for i, g in zip(ids, groups, strict=True)]))
+                lambda: [done(engine, i, params, opts, g) for i, g in zip(ids, groups, strict=True)]))
         metrics.record_tokens(prompt=sum(len(i) for i in ids),
                               generated=sum(len(c.token_ids) for r, _ in out for c in r.choices))
         return out
@@ -307,11 +310,11 @@ def create_app(engine, api_key: str | None = None, max_queue: int = 256, max_bod
     async def run_drivers(prompts: list, params: SamplingParams, opts: DriverOptions, rf, t0: float,
                           request: Request | None = None, spec=None):
         """Every prompt through ``generate_with_driver`` on the runner thread: [(GenerationResult, extra)].
-        Beam search runs in the scheduler instead (``run_beams``)."""
+        Beam search, speculative decoding and choice run in the scheduler instead (``run_beams``)."""
         if not prompts:
             raise ParamError("prompt", "must not be empty")
         ids = [encode(p) for p in prompts]
-        if (opts.beam_width is not None or opts.speculative) and request is not None:
+        if (opts.beam_width is not None or opts.speculative or opts.choice) and request is not None:
             return await run_beams(request, ids, params, opts, spec, rf, t0)  # modes of the scheduler
 
         constraint = await compile_spec(spec, rf) if spec is not None else None

@@ -46,7 +46,7 @@ def request_cost(items) -> int:
     its requests, or the group itself waiting in the scheduler."""
     cost, beams = 0, set()
     for it in list(items):
-        group = (it.beam or getattr(it, "spec", None)) if isinstance(it, Request) else it
+        group = (it.beam or it.spec or it.choice) if isinstance(it, Request) else it
         if group is None:
             cost += 1
         elif id(group) not in beams:
