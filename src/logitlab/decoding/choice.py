@@ -36,14 +36,7 @@ class ChoiceGroup:
 
     def prefill(self, sched) -> None:
         """The prompt into the cache (cached prefix blocks reused), and the next-token distribution after it."""
-        cache, P = sched.cache, len(self.prompt_ids)
-        self.table = cache.match_prefix(self.prompt_ids, P - 1)
-        start = len(self.table) * cache.block_size
-        for p in range(start, P):
-            cache.ensure_writable(self.table, p)
-        last = sched.model(torch.tensor([self.prompt_ids[start:]]), torch.arange(start, P).unsqueeze(0), cache,
-                           block_tables=cache.table_tensor([self.table]))
-        cache.register_prefix(self.prompt_ids, self.table, P)
+        (self.table,), last = sched.prefill_prompts([self.prompt_ids], [len(self.prompt_ids)])
         self.lp0 = torch.log_softmax(last[0].float(), -1)
 
     def score_chunk(self, sched) -> None:

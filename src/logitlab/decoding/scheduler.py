@@ -430,6 +430,8 @@ class Scheduler:
         admitted over several steps: members admitted together share one prefill."""
         admitted: list[Request] = []
         new_groups: list = []
+        if not self.waiting:
+            return admitted, new_groups
         budget = self.cache.num_free() - self._outstanding() if self.cache is not None else 0
         leaders: dict[int, Request] = {}
         rows = len(self.running) + sum(g.W for g in self.groups) + sum(len(u.members) for u in self.prefilling)
@@ -476,21 +478,33 @@ class Scheduler:
         ids = torch.cat([torch.tensor(r.prompt_ids) for r in ready])
         self.prompt_counts.index_put_((rows, ids), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
 
-    def _prefill_groups(self, groups: list) -> None:
-        """Prefill the prompts of newly admitted beam searches (cached prefix blocks reused) in one ragged
-        forward, and let each pick its first beams."""
-        starts, tables = [], []
-        for g in groups:
-            table = self.cache.match_prefix(g.prompt_ids, len(g.prompt_ids) - 1)
+    def prefill_prompts(self, prompts: list[list[int]], upto: list[int]) -> tuple[list[list[int]], torch.Tensor | None]:
+        """The first ``upto[i]`` tokens of each prompt into a new block table, in one ragged forward: the
+        whole blocks the prefix cache holds are reused (never the block of the last token to compute, whose
+        logits are wanted), the rest computed, the full blocks keyed for later reuse. Returns the tables and
+        the logits after token ``upto[i] - 1`` of each row [R, V] (None when every prompt was cached whole)."""
+        tables, starts = [], []
+        for ids, n in zip(prompts, upto, strict=True):
+            table = self.cache.match_prefix(ids, n - 1) if n else []
             starts.append(len(table) * self.cache.block_size)
-            for p in range(starts[-1], len(g.prompt_ids)):
+            for p in range(starts[-1], n):
                 self.cache.ensure_writable(table, p)
             tables.append(table)
-        tokens, valid = _pad([g.prompt_ids[s:] for g, s in zip(groups, starts, strict=True)])
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens) + torch.tensor(starts).unsqueeze(1)
-        last = self.model(tokens, positions, self.cache, valid=valid, block_tables=PagedKVCache.table_tensor(tables))
+        last = None
+        if any(n > s for n, s in zip(upto, starts, strict=True)):
+            tokens, valid = _pad([ids[s:n] or ids[:1] for ids, s, n in zip(prompts, starts, upto, strict=True)])
+            valid &= torch.tensor([n > s for n, s in zip(upto, starts, strict=True)]).unsqueeze(1)
+            positions = torch.arange(tokens.shape[1]).expand_as(tokens) + torch.tensor(starts).unsqueeze(1)
+            last = self.model(tokens, positions, self.cache, valid=valid,
+                              block_tables=PagedKVCache.table_tensor(tables))
+        for ids, table, n in zip(prompts, tables, upto, strict=True):
+            self.cache.register_prefix(ids, table, n)
+        return tables, last
+
+    def _prefill_groups(self, groups: list) -> None:
+        """Prefill the prompts of newly admitted beam searches in one forward; each picks its first beams."""
+        tables, last = self.prefill_prompts([g.prompt_ids for g in groups], [len(g.prompt_ids) for g in groups])
         for i, (g, table) in enumerate(zip(groups, tables, strict=True)):
-            self.cache.register_prefix(g.prompt_ids, table, len(g.prompt_ids))
             g.tables = [table]
             g.select(last[i: i + 1], self.cache, self._text_tokenizer())
 

@@ -481,16 +481,8 @@ class SpecGroup:
         """Every prompt token but the last into the cache (the last opens the first verification), shared
         by the rows; the draft starts."""
         cache, P = sched.cache, len(self.prompt_ids)
-        table = cache.match_prefix(self.prompt_ids, P - 1)
-        start = len(table) * cache.block_size
-        for p in range(start, P - 1):
-            cache.ensure_writable(table, p)
-        if P - 1 > start:
-            ids = torch.tensor([self.prompt_ids[start: P - 1]])
-            sched.model(ids, torch.arange(start, P - 1).unsqueeze(0), cache,
-                        block_tables=cache.table_tensor([table]), logits_at="none")
-            self.stats.target_forwards += 1
-            cache.register_prefix(self.prompt_ids, table, P - 1)
+        (table,), last = sched.prefill_prompts([self.prompt_ids], [P - 1])
+        self.stats.target_forwards += last is not None
         self.tables = [cache.share(table) for _ in range(self.W)]
         cache.release(table)
         self.draft.start(self.seqs, self.cache_len)
