@@ -259,6 +259,16 @@ def register_routes(app: FastAPI, ctx: AppContext) -> None:
         return conformance.conform_stream(gen, sse, prompt_tokens=prompt_tokens, n=n, chat=chat, totals=totals,
                                           continuous=bool(so and so.continuous_usage_stats), prompt_lps=plp)
 
+    def finished_completion(resp: dict, body, prompt_tokens: list[int], n: int, plp):
+        """A completion made whole (prompt-only scoring, a decoding driver's result): its prompt logprobs,
+        then JSON, or its chunks replayed as a stream."""
+        if plp is not None:
+            conformance.add_prompt_logprobs(resp, plp, n)
+        if body.stream:
+            return _sse_response(conform(replay_completion(resp, _include_usage(body)), body, prompt_tokens, n, None,
+                                         totals=resp["usage"]))
+        return _json(resp)
+
     # ---- routes: completions -----------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -279,12 +289,7 @@ def register_routes(app: FastAPI, ctx: AppContext) -> None:
                 engine, texts, ids_list, params.n, body.logprobs, bool(body.echo))))
             plp = await prompt_lps(body.prompt_logprobs, ids_list)
             resp = completion_response(tok, model, results, echo=bool(body.echo), logprobs=want_lp)
-            if plp is not None:
-                conformance.add_prompt_logprobs(resp, plp, params.n)
-            if body.stream:
-                return _sse_response(conform(replay_completion(resp, _include_usage(body)), body,
-                                             [len(i) for i in ids_list], params.n, None, totals=resp["usage"]))
-            return _json(resp)
+            return finished_completion(resp, body, [len(i) for i in ids_list], params.n, plp)
         constraint = None
         if opts is not None and not is_streamable(opts):
             out = await run_drivers(prompts, params, opts, None, t0, request, spec)
@@ -293,12 +298,7 @@ def register_routes(app: FastAPI, ctx: AppContext) -> None:
             resp = completion_response(tok, model, results, echo=bool(body.echo), logprobs=want_lp,
                                        extra=merged_extra(out, spec))
             n_out = len(results[0].choices) if results else 1
-            if plp is not None:
-                conformance.add_prompt_logprobs(resp, plp, n_out)
-            if body.stream:
-                return _sse_response(conform(replay_completion(resp, _include_usage(body)), body,
-                                             [len(r.prompt_ids) for r in results], n_out, None, totals=resp["usage"]))
-            return _json(resp)
+            return finished_completion(resp, body, [len(r.prompt_ids) for r in results], n_out, plp)
         if spec is not None:
             constraint = await compile_spec(spec, None)
         groups = make_groups(prompts, params, constraint, contrastive_of(opts))
