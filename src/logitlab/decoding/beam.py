@@ -200,18 +200,6 @@ def _validate(width, n, max_tokens, length_penalty) -> None:
         raise ParamError("length_penalty", f"must be a number, got {length_penalty!r}")
 
 
-class _IdsOnly:
-    """What the scheduler needs of a tokenizer when a bare model runs on token ids (no text)."""
-
-    ids_only = True  # results name paths by their token ids
-
-    def __init__(self, eos):
-        self.eos_token_ids = frozenset(eos)
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return ""
-
-
 @torch.inference_mode()
 def beam_search(
     model_or_engine,
@@ -245,8 +233,7 @@ def beam_search(
 
     sched = getattr(model_or_engine, "scheduler", None) if tokenizer is not None else None
     if sched is None:
-        sched = Scheduler(model, _IdsOnly(eos), max_batch=width, max_len=P + max_tokens,
-                          kv_tokens=width * (P + max_tokens + 32))
+        sched = Scheduler.standalone(model, None, eos, width, P + max_tokens, P + max_tokens)
     group = BeamGroup(prompt_ids, width, length_penalty, max_tokens, n, eos, model.config.vocab_size, params,
                       constraint, trace, early_stop)
     sched.add_beam(group)

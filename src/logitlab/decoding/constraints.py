@@ -569,7 +569,6 @@ def constrained_generate(model_or_engine, prompt, constraint: Constraint, params
     from dataclasses import replace
 
     from ..sampling import SamplingParams
-    from .beam import _IdsOnly
     from .scheduler import Request, Scheduler
 
     params = params or SamplingParams()
@@ -581,9 +580,7 @@ def constrained_generate(model_or_engine, prompt, constraint: Constraint, params
     cache_len = min(ctx, P + params.max_tokens)
     if P >= cache_len:
         raise ParamError("prompt", f"has {P} tokens; the context holds {ctx}")
-    sched = Scheduler(model, tokenizer if tokenizer is not None else _IdsOnly(eos), max_batch=params.n,
-                      max_len=cache_len, kv_tokens=params.n * (cache_len + 32) + P + 32)
-    sched.eos_ids = sorted(int(e) for e in eos)
+    sched = Scheduler.standalone(model, tokenizer, eos, params.n, cache_len, cache_len)
     requests = [Request(list(prompt_ids), params, s, group=0, index=i, constraint=constraint.start())
                 for i, s in enumerate(seeds)]
     sched.add(requests)

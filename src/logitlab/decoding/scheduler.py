@@ -134,6 +134,18 @@ class Scheduler:
         self._batch: SamplingBatch | None = None
 
     # ---- queue -------------------------------------------------------------------------------
+    @classmethod
+    def standalone(cls, model: Transformer, tokenizer, eos_token_ids, rows: int, max_len: int,
+                   tokens_per_row: int) -> Scheduler:
+        """A scheduler of its own for a function that runs one mode on a model (``beam_search``,
+        ``speculative_generate``, ``constrained_generate``): ``rows`` rows, a KV pool for ``tokens_per_row``
+        tokens each (plus whole-block slack), and these end-of-sequence ids. ``tokenizer=None``: a bare model
+        on token ids (results carry no text)."""
+        sched = cls(model, tokenizer if tokenizer is not None else _IdsOnly(eos_token_ids), max_batch=rows,
+                    max_len=max_len, kv_tokens=rows * (tokens_per_row + 64) + 64)
+        sched.eos_ids = sorted(int(e) for e in eos_token_ids)
+        return sched
+
     def add(self, requests: list[Request]) -> None:
         """Queue requests (checked by ``check_fits`` in ``Engine.make_requests``); the ``n`` samples of
         one prompt are added together (same group). The hypotheses of a beam search queue their group."""
@@ -710,6 +722,18 @@ class Scheduler:
                 self.mirostat_mu[new_slot] = self.mirostat_mu[r.slot]
                 r.slot = new_slot
         self.running = live
+
+
+class _IdsOnly:
+    """What the scheduler needs of a tokenizer when a bare model runs on token ids (no text)."""
+
+    ids_only = True  # results name paths by their token ids
+
+    def __init__(self, eos):
+        self.eos_token_ids = frozenset(eos)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return ""
 
 
 def _units(admitted: list[Request]) -> list[_Prefill]:

@@ -325,13 +325,11 @@ def speculative_generate(
     d = make_draft(draft, model, load=_loader(target))
     # The rounds run in a scheduler of their own (``SpecGroup``, the mode the engine's scheduler runs for
     # the CLI and the server): the same code, so this function is the mode, not a second loop.
-    from .beam import _IdsOnly
     from .scheduler import Request, Scheduler
 
     group = SpecGroup(prompt_ids, params, seeds, d, gamma, eos, model.config.vocab_size, ctx)
     B = len(seeds)
-    sched = Scheduler(model, tokenizer if tokenizer is not None else _IdsOnly(eos), max_batch=B, max_len=ctx,
-                      kv_tokens=B * (group.cache_len + gamma + 64) + len(prompt_ids) + 64)  # + whole-block slack
+    sched = Scheduler.standalone(model, tokenizer, eos, B, ctx, group.cache_len + gamma + 16)
     group.requests = [Request(list(prompt_ids), params, seeds[i], index=i, spec=group) for i in range(B)]
     sched.add(group.requests)
     while not all(r.finished for r in group.requests):
