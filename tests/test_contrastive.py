@@ -94,3 +94,27 @@ def test_bad_settings_are_named():
         contrastive_generate(expert, "early-exit:9", [1])
     with pytest.raises(ParamError, match="contrastive_amateur"):
         contrastive_generate(expert, tiny_model(2, vocab_size=60), [1])
+
+
+def test_a_separate_amateur_runs_as_scheduler_rows_beside_other_requests(real_tokenizer):
+    """A separate amateur model (its own paged cache, caught up lazily) inside an engine's batch: the
+    rows give the from-scratch loop's tokens, share the prompt's amateur blocks across the n samples,
+    and free them all when they finish."""
+    from logitlab.decoding.contrastive import Amateur
+    from logitlab.engine import Engine
+
+    V = real_tokenizer.vocab_size
+    expert, other = tiny_model(1, vocab_size=V), tiny_model(2, vocab_size=V)
+    engine = Engine(expert, real_tokenizer, max_batch=8, max_len=64)
+    amateur = Amateur(other, 1024, block_size=4)
+    prompt = [3, 14, 15, 9, 2, 6, 5]
+    ref = naive_contrastive(expert, other, None, prompt, 10, alpha=0.1)
+    plain = engine.make_requests([7, 8], SamplingParams(max_tokens=10, temperature=0.7, seed=1))
+    engine.scheduler.add(plain)
+    got = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0, n=3, ignore_eos=True),
+                          contrastive=(amateur, 0.1, 1.0))[0]
+    assert [c.token_ids for c in got.choices] == [ref] * 3
+    while engine.scheduler.has_work():
+        engine.scheduler.step()
+    assert not amateur.tables and amateur.cache.used_blocks() == 0
+    assert amateur.cache.hits > 0  # the samples reused the prompt's blocks

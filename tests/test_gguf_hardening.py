@@ -518,3 +518,19 @@ def test_worst_cases_stay_within_a_memory_limit(tmp_path):
         code, err = out[case]
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: model: "), (case, code, err[-500:])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_malformed_gguf_is_refused_by_the_block_loader_too(tmp_path, home, case):
+    """``--dtype gguf`` reads the file with its own walk (no gguf-py reader): the same one-line refusals."""
+    from logitlab.weights import load_gguf_model
+
+    path = CASES[case](tmp_path / "bad.gguf")
+    with pytest.raises(ValueError) as e:
+        load_gguf_model(str(path), progress=False)
+    msg = str(e.value)
+    assert msg.startswith("model: ") and "\n" not in msg and len(msg) < 400, msg
+    assert EXPECT[case] in msg, msg
+    models = home / "models"
+    assert not models.exists() or not [p for p in models.iterdir() if p.suffix == ".json"], (
+        "a refused file left a cache entry")

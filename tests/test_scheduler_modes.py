@@ -115,9 +115,11 @@ def test_server_streams_keep_flowing_during_a_decoding_driver(real_tokenizer, dr
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_contrastive_rows_in_the_scheduler_equal_the_contrastive_loop(engine, temperature):
-    """An early-exit amateur is the model's own first K layers, read from the same batched pass: the
-    scheduler's contrastive rows give the standalone loop's tokens, seeded or greedy."""
+def test_contrastive_rows_batched_with_a_neighbour_equal_the_rows_alone(engine, temperature):
+    """An early-exit amateur is the model's own first K layers, read from the same batched pass: contrastive
+    rows batched beside an ordinary request give the tokens they give alone (``contrastive_generate``, a
+    scheduler of their own), seeded or greedy (tests/test_contrastive.py checks them against a from-scratch
+    loop)."""
     from logitlab.decoding.contrastive import contrastive_generate
 
     ids = engine.encode_prompt("The weather today is")

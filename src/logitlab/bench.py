@@ -4,6 +4,18 @@ These machines are noisy, so every figure that matters is printed as a ratio aga
 in the same process moments apart: Hugging Face transformers holding the same (dequantized) weights,
 and llama-cpp-python on the same GGUF when it is installed. Results go to stdout and, with --out, to
 a JSON file; BENCHMARKS.md records them with the exact command.
+
+Besides the peers, two figures of the same run are read against the machine itself:
+
+- ``decode_bandwidth_fraction``: the bytes of weights one decode step streams (``weight_bytes_per_token``)
+  times the 1-stream decode rate, over the read bandwidth measured in the same run
+  (``read_bandwidth_gb_s``: best full read of a 1 GiB tensor, in a fresh process);
+  ``forward_bandwidth_fraction``: the same for the model forward alone (its median time per step);
+- the sampling overhead at one stream: a scheduler decode step against the model forward inside it (and
+  the sampler call inside it), greedy and top-p 0.95.
+
+``logitlab bench --spec``: speculative decoding against plain decode on an input-grounded prompt
+(``bench_spec.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +36,13 @@ from .sampling import SamplingParams
 PROMPT = "Once upon a time, there was a little robot who lived in a quiet village by the sea. Every morning"
 
 
+DTYPES = ["float32", "bfloat16", "int8", "gguf"]  # gguf: compute on the GGUF's own 4-bit blocks
+
+# buffers that only the batched / prefill paths read (decode never streams them): an int8 layer's bfloat16
+# GEMM copy. A module may name more in a ``prefill_only_buffers`` attribute (a tuple of buffer names).
+PREFILL_ONLY_BUFFERS = ("dequant",)
+
+
 def _decode_rate(engine, tokens: int, batch: int, temperature: float) -> float:
     """Generated tokens per second across ``batch`` streams, prefill excluded (timed from the first
     token of the slowest stream... i.e. after every stream has its first token)."""
@@ -40,6 +59,115 @@ def _decode_rate(engine, tokens: int, batch: int, temperature: float) -> float:
         sched.step()
     dt = time.perf_counter() - t0
     return (sum(len(r.output_ids) for r in reqs) - done0) / dt
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step streams: every parameter and buffer of ``model`` counted once by
+    storage (a tied LM head and embedding share one), without the buffers only batched/prefill paths use
+    (``PREFILL_ONLY_BUFFERS``, a module's ``prefill_only_buffers``), the RoPE tables and the embedding
+    tables (a lookup reads a row of them; the token table counts when the LM head is tied to it, as it is
+    then read whole by the head). The KV cache is not a weight and is not counted."""
+    head = getattr(model, "lm_head", None)
+    head_ranges = set()
+    if head is not None:
+        head_ranges = {(t.data_ptr(), t.nbytes) for t in [*head.parameters(), *head.buffers()] if t is not None}
+    lookup_only = set()
+    inner = getattr(model, "model", None)
+    for name in ("embed_tokens", "embed_positions"):
+        emb = getattr(inner, name, None) if inner is not None else None
+        if emb is not None:
+            lookup_only |= {(t.data_ptr(), t.nbytes) for t in [*emb.parameters(), *emb.buffers()] if t is not None}
+    seen, total = set(), 0
+    for mod in model.modules():
+        skip = set(PREFILL_ONLY_BUFFERS) | set(getattr(mod, "prefill_only_buffers", ()))
+        if mod is model:
+            skip |= {"rope_cos", "rope_sin"}
+        tensors = [(n, t) for n, t in mod.named_parameters(recurse=False)]
+        tensors += [(n, t) for n, t in mod.named_buffers(recurse=False) if n not in skip]
+        for _, t in tensors:
+            if t is None or t.device.type == "meta":
+                continue
+            key = (t.data_ptr(), t.nbytes)
+            if key in seen or (key in lookup_only and key not in head_ranges):
+                continue
+            seen.add(key)
+            total += t.nbytes
+    return total
+
+
+_BANDWIDTH = """
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+x = torch.ones(max(1, int(float(sys.argv[2]) * (1 << 19))) * 512)  # float32, GiB * 2^28 elements
+m, v = x.view(-1, 512), torch.ones(512)
+best = {}
+for name, f in (("sum", x.sum), ("mv", lambda: torch.mv(m, v))):
+    f()
+    for _ in range(int(sys.argv[3])):
+        t0 = time.perf_counter()
+        f()
+        best[name] = min(best.get(name, 1e9), time.perf_counter() - t0)
+print(max(x.nbytes / b / 1e9 for b in best.values()))
+"""
+
+
+def read_bandwidth_gb_s(threads: int, gib: float = 1.0, reps: int = 3) -> float:
+    """The machine's read bandwidth now (GB/s): the best of ``reps`` full reads of a ``gib`` GiB float32
+    tensor with ``threads`` threads (a sum, and a matrix-vector product over it: the decode step's own
+    access pattern), in a fresh process so its gigabyte does not count in this one's peak RSS."""
+    r = subprocess.run([sys.executable, "-c", _BANDWIDTH, str(threads), str(gib), str(reps)],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"bandwidth probe failed: {r.stderr.strip().splitlines()[-1:]}")
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+class _TimedCall:
+    """Stands in for a callable (the scheduler's model, its sampler) and records each call's wall time."""
+
+    def __init__(self, fn):
+        self.fn, self.times = fn, []
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        self.times.append(time.perf_counter() - t0)
+        return out
+
+    def __getattr__(self, name):  # the model's attributes (config, dtype) as they are
+        return getattr(self.fn, name)
+
+
+def sampling_overhead(engine, tokens: int, top_p: bool) -> dict:
+    """One stream through the engine's scheduler: per decode step, the wall time of ``step()``, of the model
+    forward inside it and of the sampler call inside it (medians over ``tokens`` steps, prefill excluded).
+    ``overhead``: the share of the step that is not the forward (sampling and the scheduler's bookkeeping);
+    ``sample_fraction``: the sampler call's share."""
+    params = SamplingParams(max_tokens=tokens + 1, temperature=0.8 if top_p else 0.0, top_p=0.95 if top_p else 1.0,
+                            ignore_eos=True, seed=1)
+    sched = engine.scheduler
+    reqs = engine.make_requests(PROMPT, params)
+    sched.add(reqs)
+    while not reqs[0].output_ids:
+        sched.step()
+    model, fwd, smp = sched.model, _TimedCall(sched.model), _TimedCall(sched._sample)
+    steps = []
+    sched.model, sched._sample = fwd, smp
+    try:
+        while not reqs[0].finished:
+            n_f, n_s = len(fwd.times), len(smp.times)
+            t0 = time.perf_counter()
+            sched.step()
+            dt = time.perf_counter() - t0
+            if len(fwd.times) == n_f + 1 and len(smp.times) == n_s + 1:  # a plain decode step
+                steps.append((dt, fwd.times[-1], smp.times[-1]))
+    finally:
+        sched.model = model
+        del sched._sample  # the instance attribute: back to the method
+    med = [sorted(col)[len(col) // 2] for col in zip(*steps, strict=True)]
+    step, forward, sample = med
+    return {"step_ms": 1e3 * step, "forward_ms": 1e3 * forward, "sample_ms": 1e3 * sample,
+            "overhead": 1 - forward / step, "sample_fraction": sample / step}
 
 
 @torch.inference_mode()
@@ -165,6 +293,19 @@ def run(args) -> dict:
     engine = Engine.load(args.model, dtype=args.dtype, max_batch=32, max_len=1024)
     _decode_rate(engine, 8, 1, 0.0)  # warm-up: fault in the memory-mapped weights, build the native kernels
     res["decode_1_tok_s"] = _decode_rate(engine, args.tokens, 1, 0.0)
+    # the machine's read bandwidth, moments after: the share of it that 1-stream decode reaches
+    res["read_bandwidth_gb_s"] = read_bandwidth_gb_s(args.threads)
+    res["weight_bytes_per_token"] = weight_bytes_per_token(engine.model)
+    res["decode_bandwidth_fraction"] = (res["weight_bytes_per_token"] * res["decode_1_tok_s"]
+                                        / (res["read_bandwidth_gb_s"] * 1e9))
+    for label, top_p in (("greedy", False), ("top_p", True)):
+        o = sampling_overhead(engine, args.tokens, top_p)
+        res[f"step_ms_{label}"], res[f"forward_ms_{label}"] = o["step_ms"], o["forward_ms"]
+        res[f"sample_ms_{label}"] = o["sample_ms"]
+        res[f"sampling_overhead_{label}"], res[f"sample_fraction_{label}"] = o["overhead"], o["sample_fraction"]
+    # the forward alone (median of the greedy steps above): the same bytes over the model's own time
+    res["forward_bandwidth_fraction"] = (res["weight_bytes_per_token"] / (res["forward_ms_greedy"] / 1e3)
+                                         / (res["read_bandwidth_gb_s"] * 1e9))
     if args.dtype == "int8":
         from .model import native
 
@@ -210,12 +351,41 @@ def report(res: dict) -> str:
     ratio("prefill 512 vs llama.cpp", "prefill_512_tok_s", "llamacpp_prefill_512_tok_s")
     ratio("KV cache vs no cache (1-stream decode)", "decode_1_tok_s", "no_kv_cache_decode_1_tok_s")
     ratio("native kernels vs PyTorch only (1-stream)", "decode_1_tok_s", "decode_1_pytorch_only_tok_s")
-    return "\n".join(lines + ["", "ratios (same run):"] + ratios)
+    fractions = []
+
+    def fraction(label, key):
+        if key in res:
+            fractions.append(f"{label:<44} {res[key]:6.1%}")
+
+    fraction("1-stream decode: share of read bandwidth", "decode_bandwidth_fraction")
+    fraction("1-stream forward alone: share of bandwidth", "forward_bandwidth_fraction")
+    fraction("1-stream step outside the forward, greedy", "sampling_overhead_greedy")
+    fraction("1-stream step outside the forward, top-p", "sampling_overhead_top_p")
+    fraction("1-stream step in the sampler call, greedy", "sample_fraction_greedy")
+    fraction("1-stream step in the sampler call, top-p", "sample_fraction_top_p")
+    out = lines + ["", "ratios (same run):"] + ratios
+    return "\n".join(out + ["", "fractions (same run):"] + fractions if fractions else out)
+
+
+def parser() -> argparse.ArgumentParser:
+    from .weights import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="logitlab bench", epilog="`logitlab bench --server -h`: serving benchmark; "
+                                "`logitlab bench --train -h`: training throughput; `logitlab bench --kv -h`: KV "
+                                "memory; `logitlab bench --spec -h`: speculative decoding")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dtype", default="int8", choices=DTYPES)
+    p.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-cache", action="store_true", help="also measure decoding without the KV cache")
+    p.add_argument("--skip-load", action="store_true")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-llamacpp", action="store_true")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .weights import DEFAULT_MODEL
-
     if argv and argv[0] == "--server":  # the serving benchmark lives in the repository's bench/
         import runpy
         from pathlib import Path
@@ -228,22 +398,19 @@ def main(argv: list[str] | None = None) -> int:
         from .bench_kv import main as kv_main
 
         return kv_main(argv[1:])
+    if argv and argv[0] == "--spec":  # speculative vs plain decode on an input-grounded prompt (bench_spec.py)
+        from .bench_spec import main as spec_main
+
+        return spec_main(argv[1:])
+    if argv and any(a == "--device" or a.startswith("--device=") for a in argv):  # a GPU (bench_gpu.py)
+        from .bench_gpu import main as gpu_main
+
+        return gpu_main(argv)
     if argv and argv[0] == "--train":  # training throughput against transformers (bench_train.py)
         from .bench_train import main as train_main
 
         return train_main(argv[1:])
-    p = argparse.ArgumentParser(prog="logitlab bench", epilog="`logitlab bench --server -h`: serving benchmark; "
-                                "`logitlab bench --train -h`: training throughput; `logitlab bench --kv -h`: KV memory")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--dtype", default="int8", choices=["float32", "bfloat16", "int8"])
-    p.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--no-cache", action="store_true", help="also measure decoding without the KV cache")
-    p.add_argument("--skip-load", action="store_true")
-    p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--skip-llamacpp", action="store_true")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     res = run(args)
     print(report(res))
     if args.out:

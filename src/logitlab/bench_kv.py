@@ -17,8 +17,12 @@ import sys
 import time
 import urllib.request
 
-_PEAK = ("import resource, sys\nfrom logitlab.cli import main\nrc = main(sys.argv[1:])\n"
-         "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(rc)\n")
+# The peak is this process's VmHWM, not ru_maxrss: ru_maxrss survives exec and so starts at the parent's
+# peak when the parent was large at fork (a test session holding several models); VmHWM belongs to the
+# address space exec made.
+_PEAK = ("import sys\nfrom logitlab.cli import main\nrc = main(sys.argv[1:])\n"
+         "hwm = next(ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM:'))\n"
+         "print('PEAK_RSS_KB', hwm, file=sys.stderr)\nsys.exit(rc)\n")
 
 
 def generate_peak_rss_mb(model: str, n: int = 3000) -> float:

@@ -40,10 +40,16 @@ class _Parser(argparse.ArgumentParser):
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="alias, .gguf path or Hugging Face directory "
                    "(default: smollm2-135m-instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
-                   help="weight precision (int8 = weight-only int8 with bfloat16 activations)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8", "gguf", "float16"],
+                   help="weight precision (int8 = weight-only int8; gguf = compute on the GGUF file's own "
+                        "4-bit/8-bit blocks, activations rounded to int8 per block as in llama.cpp; float16: "
+                        "with --device cuda only)")
+    p.add_argument("--exact-head", action="store_true",
+                   help="with --dtype gguf: a float32 LM head (logits without activation rounding in the head)")
     p.add_argument("--kv-memory", type=float, default=None, metavar="GB",
                    help="KV-cache budget in GB (default: enough for the batch, at most half the free memory)")
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="cpu (default), cuda or cuda:N: the model, its KV cache and the sampler run there")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -179,6 +185,16 @@ def _engine(a: argparse.Namespace, **kw):
     kv = getattr(a, "kv_memory", None)
     if kv is not None and not 0 < kv < 1e6:  # before the model is loaded
         raise ParamError("kv_memory", f"must be a positive number of GB, got {kv}")
+    if getattr(a, "exact_head", False):
+        kw["exact_head"] = True
+    device = getattr(a, "device", "cpu")
+    if a.dtype == "float16" and device == "cpu":
+        raise CLIError("arguments: --dtype float16 runs on a GPU only (add --device cuda)")
+    if device != "cpu":  # (checked again by Engine.load, before it loads anything)
+        from .engine import resolve_device
+
+        resolve_device(device)
+        kw["device"] = device
     return Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, kv_memory=kv, **kw)
 
 

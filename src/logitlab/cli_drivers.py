@@ -130,7 +130,7 @@ def cmd_classify(a: argparse.Namespace) -> int:
     from .engine import Engine
     from .weights import DEFAULT_MODEL
 
-    engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype)
+    engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, exact_head=getattr(a, "exact_head", False))
     results = classify(engine, examples, a.inputs, labels=labels, separator=a.separator)
     if a.json:
         print(json.dumps([{"input": r.input, "label": r.label, "probs": r.probs, "logprobs": r.logprobs}
@@ -155,7 +155,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         from .engine import Engine
         from .weights import DEFAULT_MODEL
 
-        engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype)
+        engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, exact_head=getattr(a, "exact_head", False))
     run_demo(a.name, engine=engine, plot=a.plot)
     return 0
 
@@ -170,7 +170,7 @@ def add_driver_commands(subparsers, add_model_flags=None) -> None:
             add_model_flags(p)
         else:
             p.add_argument("--model", default=None)
-            p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"])
+            p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8", "gguf"])
 
     c = subparsers.add_parser("classify", help="few-shot classification: label probabilities per input")
     c.add_argument("inputs", nargs="+", metavar="INPUT")

@@ -22,11 +22,34 @@ from .model.transformer import Transformer
 from .sampling import ParamError, SamplingParams
 from .sampling.rng import derive_seed
 from .tokenizer import Tokenizer
-from .weights import DEFAULT_MODEL, load_weights
+from .weights import DEFAULT_MODEL, load_gguf_model, load_weights
 from .weights.registry import cache_dir
 
-# "int8": weight-only int8 matmuls with bfloat16 activations (model/quant.py)
-DTYPES = ("float32", "bfloat16", "int8")
+# "int8": weight-only int8 matmuls (model/quant.py); "gguf": the GGUF file's own quantized blocks
+# (model/gguf_model.py; GGUF files only)
+DTYPES = ("float32", "bfloat16", "int8", "gguf")
+# dtypes only a GPU runs: "float16" (weights, activations and KV cache in half precision)
+DEVICE_DTYPES = ("float16",)
+
+
+def resolve_device(device) -> torch.device:
+    """"cpu", "cuda" or "cuda:N" (or a torch.device) -> a torch.device; ParamError, one line, for anything
+    else or for a GPU this machine does not have (checked before anything is loaded or allocated)."""
+    text = str(device)
+    if not isinstance(device, str | torch.device) or not (
+            text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise ParamError("device", f"must be cpu, cuda or cuda:N, got {device!r}")
+    dev = torch.device(text)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ParamError("device", f"{text} was asked for but this machine has no usable CUDA device "
+                                       f"(torch.cuda.is_available() is False; torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ParamError("device", f"{text} does not exist (this machine has {torch.cuda.device_count()} "
+                                       f"CUDA device(s))")
+        if dev.index is None:  # "cuda": the current device, by number (as tensors report theirs)
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 @dataclass
@@ -99,28 +122,58 @@ def _keep_freed_memory() -> None:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model",
-                 max_batch: int = 32, max_len: int = 2048, use_cache: bool = True, kv_memory: float | None = None):
+                 max_batch: int = 32, max_len: int = 2048, use_cache: bool = True, kv_memory: float | None = None,
+                 device: str | torch.device | None = None):
         """kv_memory: the KV cache's budget in GB (default: what ``max_batch`` sequences of ``max_len``
-        tokens need, capped at half the memory available now). The pool grows to it as blocks are used."""
+        tokens need, capped at half the memory available now: the host's, or the GPU's free memory). On the
+        CPU the pool grows to it as blocks are used; on a GPU it is allocated whole.
+        device: "cpu", "cuda" or "cuda:N"; the model is moved there (in place) when it is elsewhere. None:
+        where the model is. The KV cache and the sampling pipeline run on the model's device."""
+        if device is not None:
+            dev = resolve_device(device)
+            if model.device != dev:
+                model.to(dev)
         _keep_freed_memory()
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.config = model.config
+        self.device = model.device
         self.max_len = min(max_len, self.config.context_length)
         if kv_memory is not None and not (isinstance(kv_memory, int | float) and 0 < kv_memory < 1e6):
             raise ParamError("kv_memory", f"must be a positive number of GB, got {kv_memory!r}")
         self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_len=self.max_len,
                                    use_cache=use_cache,
                                    kv_tokens=kv_budget_tokens(model.config, model.dtype, max_batch, self.max_len,
-                                                              kv_memory))
+                                                              kv_memory, device=self.device))
 
     @classmethod
-    def load(cls, model: str = DEFAULT_MODEL, dtype: str = "float32", **kwargs) -> Engine:
-        """Load a model by alias, ``.gguf`` path or Hugging Face directory."""
-        if dtype not in DTYPES:
-            raise ParamError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    def load(cls, model: str = DEFAULT_MODEL, dtype: str = "float32", exact_head: bool = False,
+             device: str | torch.device = "cpu", **kwargs) -> Engine:
+        """Load a model by alias, ``.gguf`` path or Hugging Face directory. ``exact_head`` (gguf only): a
+        float32 LM head, so the logits carry no activation rounding in the head. ``device``: "cpu" (default),
+        "cuda" or "cuda:N": the model, its KV cache and the sampling pipeline run there ("float16": GPU only;
+        "gguf": CPU only). Everything is checked before anything is loaded."""
+        if dtype not in DTYPES + DEVICE_DTYPES:
+            raise ParamError("dtype", f"must be one of {', '.join(DTYPES + DEVICE_DTYPES)}, got {dtype!r}")
+        dev = resolve_device(device)
+        if dtype in DEVICE_DTYPES and dev.type == "cpu":
+            raise ParamError("dtype", f"{dtype} runs on a GPU only (device cuda); on the CPU use bfloat16 or float32")
+        if dtype == "gguf" and dev.type != "cpu":
+            raise ParamError("dtype", f"gguf (block-quantized weights in native CPU kernels) runs on the CPU only; "
+                                      f"on {dev} use float16, bfloat16 or int8")
+        if exact_head and dtype != "gguf":
+            raise ParamError("exact_head", f"applies to --dtype gguf only (the {dtype} head is not block-quantized)")
+        if dtype == "gguf":
+            net, tokenizer, name = load_gguf_model(model, exact_head)
+            return cls(net, tokenizer, name=name, **kwargs)
         w = load_weights(model)
-        net = load_or_build(w.config, lambda: w.state_dict, dtype, w.source, cache_dir())
-        return cls(net, w.tokenizer, name=w.name, **kwargs)
+        if dtype == "float16":  # the float32 build (cached), halved on the device
+            net = load_or_build(w.config, lambda: w.state_dict, "float32", w.source, cache_dir())
+            net = net.to(dev, torch.float16)
+        else:
+            net = load_or_build(w.config, lambda: w.state_dict, dtype, w.source, cache_dir())
+        if dev.type == "cpu":  # (byte for byte the CPU engine as it always was)
+            return cls(net, w.tokenizer, name=w.name, **kwargs)
+        return cls(net, w.tokenizer, name=w.name, device=dev, **kwargs)
 
     @property
     def vocab_size(self) -> int:
@@ -140,12 +193,30 @@ class Engine:
             raise ParamError("prompt", "must not be empty")
         return ids
 
+    def amateur(self, spec: str):
+        """A contrastive amateur for ``make_requests``: K for ``early-exit:K`` (the model's own first K
+        layers), else the named model, loaded once and kept (``contrastive.Amateur``, with a KV pool the
+        size of this engine's)."""
+        from .decoding.contrastive import Amateur, parse_amateur
+
+        found = self.__dict__.setdefault("_amateurs", {}).get(spec)
+        if found is not None:
+            return found
+        model, layers = parse_amateur(spec, self.model, lambda name: Engine.load(name).model)
+        if layers:
+            return layers
+        cache = self.scheduler.cache
+        tokens = (cache.capacity - 1) * cache.block_size if cache is not None else self.max_len
+        found = self._amateurs[spec] = Amateur(model, tokens, name=spec)
+        return found
+
     def make_requests(self, prompt: str | list[int], params: SamplingParams, constraint=None,
-                      contrastive: tuple[int, float, float] | None = None) -> list[Request]:
+                      contrastive: tuple[object, float, float] | None = None) -> list[Request]:
         """Validate and turn one prompt into its ``n`` requests (one shared prefill). ``constraint``
         (a compiled ``decoding.constraints.Constraint``) restricts every sample to its grammar;
-        ``contrastive`` = (K, alpha, amateur temperature) samples from contrastive scores against the
-        model's own first K layers (in the same batched step as everything else)."""
+        ``contrastive`` = (amateur, alpha, amateur temperature) samples from contrastive scores against
+        the model's own first K layers (amateur = K) or a separate model (``Engine.amateur(name)``), in the
+        same batched step as everything else."""
         ids = self.encode_prompt(prompt)
         params.validate(self.vocab_size, context_length=self.max_len, prompt_len=len(ids),
                         eos_token_ids=sorted(self.tokenizer.eos_token_ids))
@@ -154,9 +225,11 @@ class Engine:
         group = next(_groups)
         if contrastive is not None:
             k, alpha, temp = contrastive
-            if not (isinstance(k, int) and 1 <= k < self.config.num_layers):
+            if isinstance(k, int) and not 1 <= k < self.config.num_layers:
                 raise ParamError("contrastive_amateur", f"early-exit:K needs 1 <= K < {self.config.num_layers}, "
                                                         f"got {k!r}")
+            if not isinstance(k, int) and not hasattr(k, "logits"):
+                raise ParamError("contrastive_amateur", f"must be early-exit:K or a model, got {k!r}")
             if not (isinstance(alpha, int | float) and 0 < alpha <= 1):
                 raise ParamError("contrastive_alpha", f"must be in (0, 1], got {alpha!r}")
             if not (isinstance(temp, int | float) and 0 < temp < 1e6):
@@ -234,7 +307,8 @@ class Engine:
         if len(ids) > self.max_len:
             raise ParamError("prompt", f"has {len(ids)} tokens; the context holds {self.max_len}")
         tokens = torch.tensor([ids])
-        return self.model(tokens, torch.arange(len(ids)).unsqueeze(0))[0]
+        logits = self.model(tokens, torch.arange(len(ids)).unsqueeze(0))[0]
+        return logits if logits.device.type == "cpu" else logits.to("cpu")  # [V]: on the host, wherever the model is
 
     @torch.inference_mode()
     def score(self, text: str, context: str | list[int] | None = None, progress: bool = False) -> ScoreResult:
@@ -283,8 +357,8 @@ class Engine:
             chunk = torch.tensor([seq[lo:last]])
             logits = self.model(chunk, torch.arange(last - lo).unsqueeze(0), logits_at="all")[0]
             lp = torch.log_softmax(logits, dim=-1)
-            pos = torch.arange(first - lo - 1, last - lo - 1)
-            lps += lp[pos].gather(1, torch.tensor(seq[first:last])[:, None]).squeeze(1).tolist()
+            pos = torch.arange(first - lo - 1, last - lo - 1, device=lp.device)
+            lps += lp[pos].gather(1, torch.tensor(seq[first:last], device=lp.device)[:, None]).squeeze(1).tolist()
             if bar is not None:
                 bar.update(last - first)
         if bar is not None:

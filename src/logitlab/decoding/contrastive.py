@@ -9,8 +9,10 @@ tokens the expert itself finds implausible. The scores are then handed to the ON
 its logits: temperature 0 takes their argmax (greedy contrastive decoding), otherwise the pipeline
 samples from softmax(score / T) with whatever truncation and penalties the parameters ask for.
 
-The amateur is any model with the same tokenizer, or the expert's own first ``k`` layers (early exit
-through the final norm and LM head, ``early-exit:K``). Expert and amateur each keep their own KV cache.
+The amateur is any model with the same tokenizer (``Amateur``: its own paged KV cache inside the
+scheduler), or the expert's own first ``k`` layers (early exit through the final norm and LM head,
+``early-exit:K``, read from the expert's own forward pass). Either way a contrastive request is a row of
+the scheduler's batch like any other.
 A constraint mask (structured output) is applied to both models' logits first, so the head is taken
 among the allowed tokens.
 """
@@ -22,18 +24,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..model.cache import KVCache
-from ..sampling import ParamError, SamplingParams, draw
-from .constraints import (
-    Constraint,
-    PipelineRows,
-    allowed_masks,
-    apply_allowed,
-    resolve_model,
-    sample_seeds,
-    stop_token_set,
-)
-from .yield_point import yield_point
+from ..sampling import ParamError, SamplingParams
+from .constraints import Constraint, resolve_model, sample_seeds
 
 
 def contrastive_scores(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, alpha: float = 0.1,
@@ -72,6 +64,60 @@ def parse_amateur(spec, expert, load=None):
     return model, None
 
 
+class Amateur:
+    """A separate amateur model inside the scheduler: its own paged KV cache and a block table per request.
+
+    Its cache is a mirror of the expert's, caught up lazily: each time a contrastive row needs the amateur's
+    next-token logits, the tokens of the row's sequence the amateur has not seen yet (the whole prompt the
+    first time, one token per step after) run in one batched forward over the rows that need it. Prompt
+    blocks are keyed as in the expert's cache, so the ``n`` samples of a prompt share them. A request's
+    table is released when it finishes (``release``)."""
+
+    def __init__(self, model, capacity_tokens: int, block_size: int = 16, name: str = "amateur"):
+        from ..model.paged_cache import PagedKVCache
+
+        self.model, self.name = model, name
+        self.cache = PagedKVCache(model.config, -(-capacity_tokens // block_size) + 1, block_size, dtype=model.dtype)
+        self.tables: dict[int, list[int]] = {}  # request id -> block table
+        self.cached: dict[int, int] = {}  # request id -> positions in the amateur's cache
+
+    @torch.inference_mode()
+    def logits(self, requests) -> torch.Tensor:
+        """[R, V]: the amateur's logits after each request's sequence so far (prompt + output)."""
+        from ..model.paged_cache import PagedKVCache
+
+        seqs = [r.prompt_ids + r.output_ids for r in requests]
+        bs = self.cache.block_size
+        starts = []
+        for r, seq in zip(requests, seqs, strict=True):
+            if r.id not in self.tables:  # first time: reuse whole cached prompt blocks (a sibling's)
+                table = self.cache.match_prefix(seq, len(seq) - 1)
+                self.tables[r.id], self.cached[r.id] = table, len(table) * bs
+            start = min(self.cached[r.id], len(seq) - 1)  # at least the last token runs (its logits)
+            for p in range(start, len(seq)):
+                self.cache.ensure_writable(self.tables[r.id], p)
+            starts.append(start)
+        width = max(len(seq) - a for seq, a in zip(seqs, starts, strict=True))
+        tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+        valid = torch.zeros(len(seqs), width, dtype=torch.bool)
+        for i, (seq, a) in enumerate(zip(seqs, starts, strict=True)):
+            tokens[i, : len(seq) - a] = torch.tensor(seq[a:])
+            valid[i, : len(seq) - a] = True
+        positions = torch.arange(width).expand_as(tokens) + torch.tensor(starts).unsqueeze(1)
+        tables = [self.tables[r.id] for r in requests]
+        out = self.model(tokens, positions, self.cache, valid=valid, block_tables=PagedKVCache.table_tensor(tables))
+        for r, seq, table in zip(requests, seqs, tables, strict=True):
+            self.cached[r.id] = len(seq)
+            self.cache.register_prefix(seq, table, len(seq))
+        return out.float()
+
+    def release(self, request) -> None:
+        table = self.tables.pop(request.id, None)
+        self.cached.pop(request.id, None)
+        if table:
+            self.cache.release(table)
+
+
 @dataclass
 class ContrastiveOutput:
     token_ids: list[list[int]]
@@ -80,7 +126,6 @@ class ContrastiveOutput:
     trace: list[list[dict]] | None = None  # per row, per step: the top tokens by score (trace=True)
 
 
-@torch.inference_mode()
 def contrastive_generate(
     expert,
     amateur,
@@ -98,7 +143,10 @@ def contrastive_generate(
     """Generate ``n`` rows (default ``params.n``) with contrastive decoding. ``expert``: Engine or
     Transformer; ``amateur``: ``early-exit:K``, a model name (needs an Engine expert), a Transformer or an
     Engine. ``params`` go through the sampling pipeline applied to the contrastive scores
-    (``temperature=0``: greedy)."""
+    (``temperature=0``: greedy). It runs in a scheduler of its own, the path every contrastive request of
+    the engine takes (no second decode loop)."""
+    from .scheduler import Request, Scheduler
+
     params = params or SamplingParams(temperature=0.0)
     if not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
         raise ParamError("contrastive_alpha", f"must be in (0, 1], got {alpha!r}")
@@ -107,63 +155,38 @@ def contrastive_generate(
     model, tokenizer, prompt_ids, eos = resolve_model(expert, prompt, eos_token_ids)
     load = (lambda name: type(expert).load(name)) if hasattr(expert, "tokenizer") else None
     ama, ama_layers = parse_amateur(amateur, model, load)
-    max_tokens = params.max_tokens if max_tokens is None else max_tokens
-    n = params.n if n is None else n
-    seeds = sample_seeds(params, n, seed)
-    P, V = len(prompt_ids), model.config.vocab_size
+    params = replace(params, max_tokens=params.max_tokens if max_tokens is None else max_tokens,
+                     n=params.n if n is None else n)
+    seeds = sample_seeds(params, params.n, seed)
+    P = len(prompt_ids)
     ctx = min(model.config.context_length, ama.config.context_length)
-    cache_len = min(ctx, P + max_tokens)
+    cache_len = min(ctx, P + params.max_tokens)
     if P >= cache_len:
         raise ParamError("prompt", f"has {P} tokens; the context holds {ctx}")
-    ama_cfg = replace(ama.config, num_layers=ama_layers) if ama_layers else ama.config
-    cache_e = KVCache(model.config, n, cache_len, dtype=model.dtype)
-    cache_a = KVCache(ama_cfg, n, cache_len, dtype=ama.dtype)
-    tokens = torch.tensor([prompt_ids])
-    pos = torch.arange(P).unsqueeze(0)
-    le = model(tokens, pos, cache_e, rows=slice(0, 1))
-    la = ama(tokens, pos, cache_a, rows=slice(0, 1), num_layers=ama_layers)
-    for b in range(1, n):
-        cache_e.copy_slot(0, b, P)
-        cache_a.copy_slot(0, b, P)
-    le, la = le.expand(n, -1), la.expand(n, -1)
-    rows = PipelineRows(params, prompt_ids, V, eos, n, seeds=seeds)
-    states = [constraint.start() for _ in range(n)] if constraint is not None else None
-    stop_ids = stop_token_set(params, eos)
-    out: list[list[int]] = [[] for _ in range(n)]
-    done, reasons = [False] * n, ["length"] * n
-    traces: list[list[dict]] = [[] for _ in range(n)]
-    while True:
-        yield_point()  # on the server: let the scheduler step between two tokens
-        allowed = allowed_masks(states, V) if states is not None else None
-        scores = contrastive_scores(apply_allowed(le, allowed), apply_allowed(la, allowed), alpha,
-                                    amateur_temperature)
-        lp = rows.logprobs(scores)  # the pipeline over the contrastive scores
-        tok = draw(lp, rows.uniforms(rows.num_generated.clone(), 0))
-        active = torch.tensor([not x for x in done])
-        rows.append(tok, active=active)
-        for b, t in enumerate(tok.tolist()):
-            if done[b]:
-                continue
-            if trace:
-                traces[b].append(_trace(le[b], la[b], scores[b], t, tokenizer))
-            out[b].append(t)
-            if states is not None:
-                states[b].accept(t)
-            if t in stop_ids or (states is not None and states[b].terminated):
-                done[b], reasons[b] = True, "stop"
-            elif len(out[b]) >= max_tokens or P + len(out[b]) >= cache_len:
-                done[b] = True
-        if all(done):
-            break
-        positions = torch.tensor([min(P + len(o) - 1, cache_len - 1) for o in out]).view(n, 1)
-        step = tok.view(n, 1)
-        le = model(step, positions, cache_e, rows=slice(0, n))
-        la = ama(step, positions, cache_a, rows=slice(0, n), num_layers=ama_layers)
-    texts = [tokenizer.decode([t for t in o if t not in stop_ids]) for o in out] if tokenizer else None
-    return ContrastiveOutput(out, reasons, texts, traces if trace else None)
+    sched = Scheduler.standalone(model, tokenizer, eos, params.n, cache_len, cache_len)
+    who = ama_layers if ama_layers else Amateur(ama, params.n * (cache_len + 64) + 64)
+    requests = [Request(list(prompt_ids), params, s, group=0, index=i,
+                        constraint=constraint.start() if constraint is not None else None,
+                        contrastive=(who, float(alpha), float(amateur_temperature)), trace_contrastive=trace)
+                for i, s in enumerate(seeds)]
+    sched.add(requests)
+    while not all(r.finished for r in requests):
+        sched.step()
+    eos_set = set(sched.eos_ids)
+    out = [list(r.output_ids) for r in requests]
+    texts = [tokenizer.decode([t for t in o if t not in eos_set]) for o in out] if tokenizer else None
+    traces = None
+    if trace:
+        def name(i):
+            return tokenizer.decode([i]) if tokenizer is not None else i
+
+        traces = [[dict(step, chosen=name(t)) for step, t in zip(r.trace, r.output_ids, strict=False)]
+                  for r in requests]
+    return ContrastiveOutput(out, [r.finish_reason for r in requests], texts, traces)
 
 
-def _trace(le, la, scores, chosen, tokenizer, top: int = 5) -> dict:
+def step_trace(le, la, scores, tokenizer, top: int = 5) -> dict:
+    """One step of a traced contrastive row: the top tokens by score (the chosen one is added later)."""
     lp_e, lp_a = torch.log_softmax(le.float(), -1), torch.log_softmax(la.float(), -1)
     k = min(top, int(torch.isfinite(scores).sum()))
     vals, ids = scores.topk(max(k, 1))
@@ -171,7 +194,7 @@ def _trace(le, la, scores, chosen, tokenizer, top: int = 5) -> dict:
     def name(i):
         return tokenizer.decode([i]) if tokenizer is not None else i
 
-    return {"chosen": name(chosen), "expert_top": name(int(lp_e.argmax())),
+    return {"expert_top": name(int(lp_e.argmax())),
             "candidates": [{"token": name(i), "score": v, "expert_logprob": float(lp_e[i]),
                             "amateur_logprob": float(lp_a[i])} for v, i in zip(vals.tolist(), ids.tolist(),
                                                                                 strict=True)]}

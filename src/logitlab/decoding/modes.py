@@ -258,12 +258,11 @@ def generate_with_driver(engine, prompt, params: SamplingParams, opts: DriverOpt
         while not group.done:
             engine.scheduler.step()
         return beam_completion(engine, prompt_ids, params, opts, group)
-    if opts.contrastive_amateur:
-        from .contrastive import contrastive_generate
-
-        out = contrastive_generate(engine, opts.contrastive_amateur, prompt_ids, alpha=opts.contrastive_alpha,
-                                   params=params, constraint=constraint)
-        res = _completions(engine, prompt_ids, params, out.token_ids, out.finish_reasons)
+    if opts.contrastive_amateur:  # rows of the engine's scheduler, against early-exit:K or a separate model
+        amateur = engine.amateur(opts.contrastive_amateur)
+        res = engine.generate(prompt_ids, params, constraint=constraint,
+                              contrastive=(amateur, opts.contrastive_alpha, 1.0))[0]
+        res.prompt = prompt if isinstance(prompt, str) else res.prompt
         return res, {"contrastive": {"amateur": opts.contrastive_amateur, "alpha": opts.contrastive_alpha}}
     if opts.speculative:  # a mode of the engine's scheduler: step it until every sample has finished
         group = spec_group(engine, prompt_ids, params, opts)

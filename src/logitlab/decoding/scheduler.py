@@ -15,6 +15,12 @@ tokens in use, and a request is admitted only when the pool can hold it to its e
 then; one that could never fit is refused up front), so a running request never runs out of blocks.
 Requests can join or leave at any step (continuous batching). A request's randomness is a function of
 its own seed and its own token count, so its output does not depend on its batch neighbours.
+
+On a GPU (a model on cuda) the KV pool, the per-slot sampling state and the sampling pipeline live on the
+device; the model's inputs are built on the host as always and moved by the model, once per forward; the
+sampled tokens, logprobs and flags come back in one copy per step (``_to_host``). Beam search picks its beams
+from host copies of its rows' logits; speculative decoding, guided choice and contrastive decoding build
+their tensors on the host and are refused on a device (ParamError).
 """
 
 from __future__ import annotations
@@ -63,9 +69,11 @@ class Request:
     beam: object = None  # a beam.BeamGroup this request is one hypothesis of (the group holds the rows)
     spec: object = None  # a speculative.SpecGroup this request is one row of
     choice: object = None  # a choice.ChoiceGroup this request is one sample of
-    # contrastive decoding against the model's own first K layers: (K, alpha, amateur temperature); the
-    # row samples from the contrastive scores (decoding/contrastive.py) read from the same forward pass
-    contrastive: tuple[int, float, float] | None = None
+    # contrastive decoding: (amateur, alpha, amateur temperature); the row samples from the contrastive
+    # scores (decoding/contrastive.py). The amateur is K, the model's own first K layers (read from the same
+    # forward pass), or a contrastive.Amateur (a separate model with its own paged cache)
+    contrastive: tuple[object, float, float] | None = None
+    trace_contrastive: bool = False  # record each step's top tokens by score in ``trace``
 
 
     @property
@@ -118,11 +126,16 @@ class Scheduler:
         self.model, self.tokenizer = model, tokenizer
         self.vocab_size = model.config.vocab_size
         self.max_batch, self.max_len, self.use_cache = max_batch, max_len, use_cache
+        # The model's device: the KV pool, the per-slot sampling state and the sampling pipeline live there;
+        # the model's inputs are built on the host and moved by the model, once per forward.
+        self.device = dev = _device_of(model)
         capacity = -(-(kv_tokens or max_batch * max_len) // block_size) + 1  # + the scratch block
-        self.cache = PagedKVCache(model.config, capacity, block_size, dtype=model.dtype) if use_cache else None
-        self.output_counts = torch.zeros(max_batch, self.vocab_size, dtype=torch.int32)
-        self.prompt_counts = torch.zeros(max_batch, self.vocab_size, dtype=torch.int32)
-        self.mirostat_mu = torch.zeros(max_batch, dtype=torch.float64)  # per slot, like the counts
+        # a device pool is allocated whole (a pool that grows would need every captured CUDA graph again)
+        pool = {} if dev.type == "cpu" else {"initial_blocks": capacity, "device": dev}
+        self.cache = PagedKVCache(model.config, capacity, block_size, dtype=model.dtype, **pool) if use_cache else None
+        self.output_counts = torch.zeros(max_batch, self.vocab_size, dtype=torch.int32, device=dev)
+        self.prompt_counts = torch.zeros(max_batch, self.vocab_size, dtype=torch.int32, device=dev)
+        self.mirostat_mu = torch.zeros(max_batch, dtype=torch.float64, device=dev)  # per slot, like the counts
         self._token_texts = None  # the vocabulary as text, for DRY's sequence breakers (made on first use)
         self.eos_ids = sorted(tokenizer.eos_token_ids)
         self.waiting: deque = deque()  # Requests, and BeamGroups (a beam search waits as one unit)
@@ -149,6 +162,11 @@ class Scheduler:
     def add(self, requests: list[Request]) -> None:
         """Queue requests (checked by ``check_fits`` in ``Engine.make_requests``); the ``n`` samples of
         one prompt are added together (same group). The hypotheses of a beam search queue their group."""
+        if self.device.type != "cpu":
+            for r in requests:
+                if r.contrastive is not None:
+                    raise ParamError("contrastive_amateur", f"contrastive decoding runs on the CPU only (the model is "
+                                     f"on {self.device})")
         for r in requests:
             group = r.beam or r.spec or r.choice
             if group is None:
@@ -162,6 +180,8 @@ class Scheduler:
         field_name = {"beam": "beam_width", "choice": "guided_choice"}.get(group.kind, "n")
         if self.cache is None:
             raise ParamError(field_name, f"{group.kind} decoding needs the KV cache (not --no-kv-cache)")
+        if self.device.type != "cpu" and group.kind != "beam":  # their drivers build their tensors on the host
+            raise ParamError(field_name, f"{group.kind} decoding runs on the CPU only (the model is on {self.device})")
         if group.W > self.max_batch:
             raise ParamError(field_name, f"must be at most {self.max_batch} (the largest batch), got {group.W}")
         need = self._group_blocks(group)
@@ -247,7 +267,7 @@ class Scheduler:
         offset = len(running)
         for g in groups:  # each beam search picks its next beams from its rows' logits
             R = g.live()
-            g.select(decoded[offset: offset + R], self.cache, self._text_tokenizer())
+            g.select(_host(decoded[offset: offset + R]), self.cache, self._text_tokenizer())
             offset += R
         self.groups += new_groups
         for g in [g for g in self.groups if g.done]:
@@ -278,14 +298,17 @@ class Scheduler:
             # by one; only a row that still raises fails, alone. (Costs R small calls, on this step only.)
             log.exception("sampling a batch of %d rows failed; sampling them one by one", len(rows))
             out, broken = self._sample_each(logits, rows, num_logprobs, explain)
-        self.output_counts[torch.arange(len(rows)), out.tokens] += 1
+        self.output_counts[torch.arange(len(rows), device=self.device), out.tokens] += 1
         if out.mirostat_mu is not None:
             self.mirostat_mu[: len(rows)] = out.mirostat_mu
-        tokens = out.tokens.tolist()
-        logprobs = out.logprobs.tolist()
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        failed = out.failed.tolist()
+        if out.tokens.device.type == "cpu":
+            tokens = out.tokens.tolist()
+            logprobs = out.logprobs.tolist()
+            top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+            top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+            failed = out.failed.tolist()
+        else:
+            tokens, logprobs, top_ids, top_lps, failed = _to_host(out)
         for i, r in enumerate(rows):
             if i in broken:
                 r.error = broken[i]
@@ -317,10 +340,12 @@ class Scheduler:
         if any(r.constraint is not None for r in rows):
             from .constraints import allowed_masks, apply_allowed
 
-            logits = apply_allowed(logits, allowed_masks([r.constraint for r in rows], self.vocab_size))
+            allowed = allowed_masks([r.constraint for r in rows], self.vocab_size)
+            logits = apply_allowed(logits, allowed if allowed.device == logits.device else allowed.to(logits.device))
         history = None
         if {"dry", "no_repeat_ngram"} & batch.uses:  # these read each row's tokens in order
             history = _pad([r.prompt_ids + r.output_ids for r in rows], fill=-1)[0]
+            history = history if history.device == logits.device else history.to(logits.device)
         end = start + len(rows)
         return sample(
             logits,
@@ -343,7 +368,8 @@ class Scheduler:
         for i, r in enumerate(rows):
             try:
                 texts = self.vocab_texts() if r.params.dry_multiplier > 0 else None
-                batch = SamplingBatch.build([r.params], [r.seed], self.vocab_size, self.eos_ids, token_texts=texts)
+                batch = SamplingBatch.build([r.params], [r.seed], self.vocab_size, self.eos_ids, device=self.device,
+                                            token_texts=texts)
                 outs.append(self._sample(logits[i: i + 1], [r], i, batch, num_logprobs, explain))
             except Exception as e:
                 log.exception("request %s fails alone: its row cannot be sampled", r.id)
@@ -363,13 +389,14 @@ class Scheduler:
             for i, o in enumerate(outs):
                 if o is not None and o.mirostat_mu is not None:
                     mu[i] = o.mirostat_mu[0]
-        zero = torch.zeros(1)
+        dev = logits.device
+        zero = torch.zeros(1, device=dev)
         return SamplerOutput(
-            tokens=cat("tokens", torch.zeros(1, dtype=torch.long)), logprobs=cat("logprobs", zero),
+            tokens=cat("tokens", torch.zeros(1, dtype=torch.long, device=dev)), logprobs=cat("logprobs", zero),
             raw_logprobs=cat("raw_logprobs", zero), processed_logprobs=cat("processed_logprobs", zero),
-            top_ids=cat("top_ids", torch.zeros(1, width, dtype=torch.long)) if has_top else None,
-            top_logprobs=cat("top_logprobs", torch.zeros(1, width)) if has_top else None,
-            failed=cat("failed", torch.zeros(1, dtype=torch.bool)),
+            top_ids=cat("top_ids", torch.zeros(1, width, dtype=torch.long, device=dev)) if has_top else None,
+            top_logprobs=cat("top_logprobs", torch.zeros(1, width, device=dev)) if has_top else None,
+            failed=cat("failed", torch.zeros(1, dtype=torch.bool, device=dev)),
             trace=[t for o in outs for t in (o.trace if o is not None and o.trace is not None else [[]])]
             if explain else None,
             mirostat_mu=mu,
@@ -397,21 +424,32 @@ class Scheduler:
                                 torch.tensor(positions).unsqueeze(1), self.cache,
                                 block_tables=PagedKVCache.table_tensor(tables))
 
-    @staticmethod
-    def _contrasted(rows: list[Request], fn, *args, **kwargs) -> torch.Tensor:
+    def _contrasted(self, rows: list[Request], fn, *args, **kwargs) -> torch.Tensor:
         """``fn(*args, **kwargs)`` (a forward whose first ``len(rows)`` logits rows are ``rows``'), with the
-        logits of contrastive rows replaced by their contrastive scores, the amateur's logits read at layer K
-        of the same pass."""
-        want = {r.contrastive[0] for r in rows if r.contrastive is not None}
-        if not want:
+        logits of contrastive rows replaced by their contrastive scores: the amateur's logits read at layer K
+        of the same pass, or from a separate amateur model (one batched forward per amateur)."""
+        contrastive = [(i, r) for i, r in enumerate(rows) if r.contrastive is not None]
+        if not contrastive:
             return fn(*args, **kwargs)
-        from .contrastive import contrastive_scores
+        from .contrastive import contrastive_scores, step_trace
 
-        logits, early = fn(*args, exits=tuple(sorted(want)), **kwargs)
-        for i, r in enumerate(rows):
-            if r.contrastive is not None:
-                k, alpha, temp = r.contrastive
-                logits[i] = contrastive_scores(logits[i: i + 1], early[k][i: i + 1], alpha, temp)[0]
+        want = {r.contrastive[0] for _, r in contrastive if isinstance(r.contrastive[0], int)}
+        logits, early = fn(*args, exits=tuple(sorted(want)), **kwargs) if want else (fn(*args, **kwargs), {})
+        separate: dict[int, tuple] = {}  # id(amateur) -> (amateur, [(i, r)])
+        for i, r in contrastive:
+            if not isinstance(r.contrastive[0], int):
+                separate.setdefault(id(r.contrastive[0]), (r.contrastive[0], []))[1].append((i, r))
+        amateur_logits = {}
+        for amateur, members in separate.values():
+            la = amateur.logits([r for _, r in members])
+            amateur_logits.update({i: la[j: j + 1] for j, (i, _) in enumerate(members)})
+        for i, r in contrastive:
+            k, alpha, temp = r.contrastive
+            la = early[k][i: i + 1] if isinstance(k, int) else amateur_logits[i]
+            scores = contrastive_scores(logits[i: i + 1], la, alpha, temp)[0]
+            if r.trace_contrastive:
+                r.trace.append(step_trace(logits[i], la[0], scores, self._text_tokenizer()))
+            logits[i] = scores
         return logits
 
     def _writable(self, r: Request, position: int) -> None:
@@ -488,6 +526,8 @@ class Scheduler:
         self.prompt_counts[lo:hi].zero_()
         rows = torch.cat([torch.full((len(r.prompt_ids),), r.slot) for r in ready])
         ids = torch.cat([torch.tensor(r.prompt_ids) for r in ready])
+        if self.device.type != "cpu":  # made on the host, moved once
+            rows, ids = rows.to(self.device), ids.to(self.device)
         self.prompt_counts.index_put_((rows, ids), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
 
     def prefill_prompts(self, prompts: list[list[int]], upto: list[int]) -> tuple[list[list[int]], torch.Tensor | None]:
@@ -518,7 +558,7 @@ class Scheduler:
         tables, last = self.prefill_prompts([g.prompt_ids for g in groups], [len(g.prompt_ids) for g in groups])
         for i, (g, table) in enumerate(zip(groups, tables, strict=True)):
             g.tables = [table]
-            g.select(last[i: i + 1], self.cache, self._text_tokenizer())
+            g.select(_host(last[i: i + 1]), self.cache, self._text_tokenizer())
 
     def _text_tokenizer(self):
         """The tokenizer, or None when the scheduler runs a bare model on token ids."""
@@ -595,7 +635,7 @@ class Scheduler:
             for u, _, b in chosen:
                 self.cache.register_prefix(u.leader.prompt_ids, u.leader.blocks, b)
         lengths = valid.sum(1)
-        last = out[torch.arange(len(chosen)), lengths - 1] if echo else out
+        last = out[torch.arange(len(chosen), device=out.device), (lengths - 1).to(out.device)] if echo else out
         if any(u.leader.contrastive is not None for u, _, _ in chosen):
             # the contrastive rows' next-token scores: one more pass over their last tokens (cached now), with
             # the amateur read at layer K (the chunked prefill above computed the expert only)
@@ -613,7 +653,7 @@ class Scheduler:
                 seq_pos = torch.arange(seq_tokens.shape[1]).expand_as(seq_tokens)
                 scored = self._contrasted(leads, self.model, seq_tokens, seq_pos, valid=seq_valid)
             last = last.clone()
-            last[torch.tensor(idx)] = scored
+            last[torch.tensor(idx, device=last.device)] = scored
         ready: list[Request] = []
         rows: list[int] = []
         for i, (u, _, b) in enumerate(chosen):
@@ -630,14 +670,16 @@ class Scheduler:
                         r.blocks = self.cache.share(lead.blocks)
                     if r.params.echo:
                         r.prompt_logprobs, r.prompt_top_logprobs = lead.prompt_logprobs, lead.prompt_top_logprobs
+                    if r.trace_contrastive and lead.trace:
+                        r.trace.append(lead.trace[-1])  # the first token is drawn from the shared scores
                 ready.append(r)
                 rows.append(i)
-        return ready, (last[torch.tensor(rows)] if ready else None)
+        return ready, (last[torch.tensor(rows, device=last.device)] if ready else None)
 
     def _prompt_logprobs(self, r: Request, logits: torch.Tensor) -> None:
         """Logprob of each prompt token given the ones before it (the first has none)."""
         lp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
-        ids = torch.tensor(r.prompt_ids)
+        ids = torch.tensor(r.prompt_ids, device=lp.device)
         r.prompt_logprobs = [None] + lp[:-1].gather(1, ids[1:, None]).squeeze(1).tolist()
         n = r.params.logprobs or 0
         if n:
@@ -653,7 +695,7 @@ class Scheduler:
             texts = self.vocab_texts() if any(r.params.dry_multiplier > 0 for r in rows) else None
             self._batch = SamplingBatch.build(
                 [r.params for r in rows], [r.seed for r in rows], self.vocab_size, self.eos_ids,
-                token_texts=texts,
+                device=self.device, token_texts=texts,
             )
             self._batch_key = key
         return self._batch
@@ -711,6 +753,8 @@ class Scheduler:
         for r in self.running:
             if r.finished:
                 self._state.pop(r.id, None)
+                if r.contrastive is not None and hasattr(r.contrastive[0], "release"):
+                    r.contrastive[0].release(r)  # a separate amateur's blocks
                 if self.cache is not None and r.blocks:
                     seq = r.prompt_ids + r.output_ids
                     self.cache.register_prefix(seq, r.blocks, len(seq) - 1)  # the last token was never fed
@@ -763,3 +807,32 @@ def _pad(seqs: list[list[int]], fill: int = 0) -> tuple[torch.Tensor, torch.Tens
         tokens[i, : len(s)] = torch.tensor(s)
         valid[i, : len(s)] = True
     return tokens, valid
+
+
+def _device_of(model) -> torch.device:
+    """The model's device (a Transformer's ``device``; the host for anything that does not say)."""
+    dev = getattr(model, "device", None)
+    return dev if isinstance(dev, torch.device) else torch.device("cpu")
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the host (the beam search picks its beams there)."""
+    return t if t.device.type == "cpu" else t.to("cpu")
+
+
+def _to_host(out) -> tuple[list, list, list | None, list | None, list]:
+    """A device SamplerOutput's tokens, logprobs, top ids and logprobs, and failed flags as Python lists, in
+    ONE device-to-host copy: every column as float64 (token ids < 2^53 and float32 logprobs are exact
+    there), converted back to the types ``tolist()`` of each tensor gives."""
+    B = out.tokens.shape[0]
+    cols = [out.tokens.view(B, 1), out.logprobs.view(B, 1), out.failed.view(B, 1)]
+    n = out.top_ids.shape[1] if out.top_ids is not None else 0
+    if out.top_ids is not None:
+        cols += [out.top_ids, out.top_logprobs]
+    rows = torch.cat([c.to(torch.float64) for c in cols], dim=1).to("cpu").tolist()
+    tokens = [int(r[0]) for r in rows]
+    logprobs = [r[1] for r in rows]
+    failed = [bool(r[2]) for r in rows]
+    top_ids = [[int(v) for v in r[3: 3 + n]] for r in rows] if out.top_ids is not None else None
+    top_lps = [r[3 + n: 3 + 2 * n] for r in rows] if out.top_ids is not None else None
+    return tokens, logprobs, top_ids, top_lps, failed

@@ -66,23 +66,28 @@ static inline void dot_r(const float *x, const int8_t *w, int64_t in, int R, flo
     for (int r = 0; r < R; r++) out[r] = s[r];
 }
 
-static void rows_1(const float *x, int64_t in, const int8_t *q, const float *scale, int64_t out, float *y) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < out; o++) y[o] = scale[o] * dot_1(x, q + o * in, in);
-}
-
-#define ROWS_KERNEL(R)                                                                              \
-    static void rows_##R(const float *x, int64_t in, const int8_t *q, const float *scale, int64_t out, \
-                         float *y) {                                                                \
-        _Pragma("omp parallel for schedule(static)") for (int64_t o = 0; o < out; o++) {            \
-            float s[4];                                                                             \
-            dot_r(x, q + o * in, in, R, s);                                                         \
-            for (int r = 0; r < R; r++) y[r * out + o] = scale[o] * s[r];                           \
-        }                                                                                           \
+/* The matmuls come in two forms. ``*_rows`` is an ORPHANED worksharing loop (``omp for`` with no parallel
+   region of its own): called inside a parallel region (the fused decode step, step.c) it splits the output
+   rows among that region's threads, with one barrier at its end instead of a fork and a join; called
+   outside one, it runs serially. The exported entry points wrap it in ``omp parallel``.
+   y[r * y_stride + o] = (acc: +=) the product, for up to 4 rows of x per pass over the weights. */
+void q8_matmul_rows(const float *x, int64_t rows, int64_t in, const int8_t *q, const float *scale, int64_t out,
+                    float *y, int64_t y_stride, int acc) {
+    #pragma omp for schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        const int8_t *w = q + o * in;
+        for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+            int R = rows - r0 < 4 ? (int)(rows - r0) : 4;
+            float s[4];
+            if (R == 1) s[0] = dot_1(x + r0 * in, w, in);
+            else dot_r(x + r0 * in, w, in, R, s);
+            for (int r = 0; r < R; r++) {
+                float *dst = y + (r0 + r) * y_stride + o;
+                *dst = acc ? *dst + scale[o] * s[r] : scale[o] * s[r];
+            }
+        }
     }
-ROWS_KERNEL(2)
-ROWS_KERNEL(3)
-ROWS_KERNEL(4)
+}
 
 /* The same product for float32 weights (the default dtype): y[r][o] = sum_i x[r][i] * w[o][i]. */
 static inline float dot_f32(const float *x, const float *w, int64_t in) {
@@ -103,24 +108,26 @@ static inline float dot_f32(const float *x, const float *w, int64_t in) {
     return s;
 }
 
-void f32_matmul(const float *x, int64_t rows, int64_t in, const float *w, int64_t out, float *y) {
-    #pragma omp parallel for schedule(static)
+void f32_matmul_rows(const float *x, int64_t rows, int64_t in, const float *w, int64_t out, float *y,
+                     int64_t y_stride, int acc) {
+    #pragma omp for schedule(static)
     for (int64_t o = 0; o < out; o++)
-        for (int64_t r = 0; r < rows; r++) y[r * out + o] = dot_f32(x + r * in, w + o * in, in);
+        for (int64_t r = 0; r < rows; r++) {
+            float v = dot_f32(x + r * in, w + o * in, in);
+            y[r * y_stride + o] = acc ? y[r * y_stride + o] + v : v;
+        }
+}
+
+void f32_matmul(const float *x, int64_t rows, int64_t in, const float *w, int64_t out, float *y) {
+    #pragma omp parallel
+    f32_matmul_rows(x, rows, in, w, out, y, out, 0);
 }
 
 /* x [rows, in] float32, q [out, in] int8, scale [out] float32 -> y [rows, out] float32; all contiguous. */
 void q8_matmul(const float *x, int64_t rows, int64_t in, const int8_t *q, const float *scale, int64_t out,
                float *y) {
-    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-        int64_t R = rows - r0 < 4 ? rows - r0 : 4;
-        const float *xr = x + r0 * in;
-        float *yr = y + r0 * out;
-        if (R == 1) rows_1(xr, in, q, scale, out, yr);
-        else if (R == 2) rows_2(xr, in, q, scale, out, yr);
-        else if (R == 3) rows_3(xr, in, q, scale, out, yr);
-        else rows_4(xr, in, q, scale, out, yr);
-    }
+    #pragma omp parallel
+    q8_matmul_rows(x, rows, in, q, scale, out, y, out, 0);
 }
 
 /* ---- decode attention ------------------------------------------------------------------------------
@@ -226,22 +233,29 @@ void attend_decode(const float *q, int64_t q_row_stride, const float *k_cache, c
 }
 
 /* The same over a paged cache: k_pool, v_pool [blocks, K, bs, D] contiguous; row b's positions are in the
-   blocks tables[b * width ...] in order; lens[b] keys (clamped to [1, width * bs]).  out [B, H, D]. */
+   blocks tables[b * width ...] in order; lens[b] keys (clamped to [1, width * bs]).  out [B, H, D].
+   ``attend_paged_rows`` is the orphaned loop (see q8_matmul_rows); s: this thread's width * bs scores. */
+void attend_paged_rows(const float *q, int64_t q_row_stride, const float *k_pool, const float *v_pool,
+                       const int64_t *tables, int64_t width, int64_t bs, int64_t B, int64_t H, int64_t K,
+                       int64_t D, const int64_t *lens, float scale, float *out, float *s) {
+    int64_t G = H / K, max_pos = width * bs, block_stride = K * bs * D;
+    #pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        int64_t b = bh / H, h = bh % H;
+        int64_t n = lens[b] < 1 ? 1 : (lens[b] > max_pos ? max_pos : lens[b]);
+        int64_t head = (h / G) * bs * D;  /* this kv head's rows inside a block */
+        attend_one(q + b * q_row_stride + h * D, k_pool + head, v_pool + head, tables + b * width, block_stride,
+                   bs, n, D, scale, s, out + (b * H + h) * D);
+    }
+}
+
 void attend_paged(const float *q, int64_t q_row_stride, const float *k_pool, const float *v_pool,
                   const int64_t *tables, int64_t width, int64_t bs, int64_t B, int64_t H, int64_t K, int64_t D,
                   const int64_t *lens, float scale, float *out) {
-    int64_t G = H / K, max_pos = width * bs, block_stride = K * bs * D;
     #pragma omp parallel
     {
-        float *s = (float *)malloc(sizeof(float) * (size_t)max_pos);
-        #pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * H; bh++) {
-            int64_t b = bh / H, h = bh % H;
-            int64_t n = lens[b] < 1 ? 1 : (lens[b] > max_pos ? max_pos : lens[b]);
-            int64_t head = (h / G) * bs * D;  /* this kv head's rows inside a block */
-            attend_one(q + b * q_row_stride + h * D, k_pool + head, v_pool + head, tables + b * width, block_stride,
-                       bs, n, D, scale, s, out + (b * H + h) * D);
-        }
+        float *s = (float *)malloc(sizeof(float) * (size_t)(width * bs));
+        attend_paged_rows(q, q_row_stride, k_pool, v_pool, tables, width, bs, B, H, K, D, lens, scale, out, s);
         free(s);
     }
 }

@@ -11,7 +11,10 @@
 - ``rms_norm``, ``silu_mul``, ``rope_store``: the small ops of a decode layer, each a handful of
   PyTorch ops (and their per-call overhead) in one pass.
 
-The C file ships inside the package and is compiled on first use with the system C compiler
+Two more sources are compiled into the same library: ``qblocks.c`` (matmuls on GGUF quantized blocks,
+``--dtype gguf``; bound in qblocks.py) and ``step.c`` (a whole decode step in one call; decode_step.py).
+
+The C files ship inside the package and are compiled on first use with the system C compiler
 (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``, about a second) into ``$LOGITLAB_HOME/kernels``,
 keyed by the source, the flags and the CPU, then loaded with ctypes. No compiler, a failed build or
 ``LOGITLAB_NATIVE=0``: ``available()`` is False and the model runs its PyTorch code (the reference the
@@ -32,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels.c")
+# Compiled together into one library: the per-op kernels, the GGUF block kernels and the fused decode step.
+SOURCES = [Path(__file__).with_name(n) for n in ("kernels.c", "qblocks.c", "step.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -47,20 +51,23 @@ def _cpu_signature() -> str:
 
 def _build(cache: Path) -> Path | None:
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    sources = [p for p in SOURCES if p.exists()]
+    text = b"".join(p.read_bytes() for p in sources)
+    key = hashlib.sha256(text + " ".join([cc, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
     out = cache / "kernels" / f"kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.part")
     try:
-        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([cc, *FLAGS, *map(str, sources), "-o", str(tmp)], capture_output=True, text=True,
+                           timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"logitlab: no native int8 kernel ({cc}: {e}); using PyTorch's", file=sys.stderr)
+        print(f"logitlab: no native kernels ({cc}: {e}); using PyTorch's", file=sys.stderr)
         return None
     if r.returncode != 0:
         err = (r.stderr.strip().splitlines() or ["failed"])[-1]
-        print(f"logitlab: no native int8 kernel ({cc}: {err}); using PyTorch's", file=sys.stderr)
+        print(f"logitlab: no native kernels ({cc}: {err}); using PyTorch's", file=sys.stderr)
         tmp.unlink(missing_ok=True)
         return None
     tmp.replace(out)
@@ -78,7 +85,11 @@ def _library():
         return None
     # torch is imported first, so the OpenMP runtime it loaded (soname libgomp.so.1) is the one the
     # kernels bind to: one thread pool, sized by torch.set_num_threads.
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:  # e.g. a symbol left undefined: run the PyTorch code rather than fail
+        print(f"logitlab: native kernels unusable ({str(e).splitlines()[0][:200]}); using PyTorch's", file=sys.stderr)
+        return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.q8_matmul.argtypes = [p, i64, i64, p, p, i64, p]
     lib.q8_matmul.restype = None

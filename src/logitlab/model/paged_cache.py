@@ -38,15 +38,25 @@ def _available_bytes() -> int | None:
     return None
 
 
+def _device_free_bytes(device: torch.device) -> int | None:
+    """Free memory of an accelerator now (CUDA: ``mem_get_info``); None where unknown."""
+    try:
+        return int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else None
+    except (RuntimeError, AssertionError):
+        return None
+
+
 def kv_budget_tokens(config: ModelConfig, dtype: torch.dtype, max_batch: int, max_len: int,
-                     gigabytes: float | None = None) -> int:
+                     gigabytes: float | None = None, device: torch.device | str = "cpu") -> int:
     """The KV pool's budget in tokens: ``gigabytes`` when given; else what ``max_batch`` sequences of
-    ``max_len`` tokens would need, capped at half the memory available now (at least one sequence)."""
+    ``max_len`` tokens would need, capped at half the memory available now (at least one sequence): the
+    host's for a CPU pool, the device's free memory for a pool on an accelerator."""
     per_token = PagedKVCache.bytes_per_token(config, dtype)
     if gigabytes is not None:
         return max(1, int(gigabytes * 1e9) // per_token)
     want = max_batch * max_len
-    avail = _available_bytes()
+    device = torch.device(device)
+    avail = _available_bytes() if device.type == "cpu" else _device_free_bytes(device)
     return max(max_len, min(want, avail // 2 // per_token)) if avail else want
 
 
@@ -56,10 +66,12 @@ class PoolExhausted(RuntimeError):
 
 class PagedKVCache:
     def __init__(self, config: ModelConfig, capacity: int, block_size: int = 16, dtype: torch.dtype = torch.float32,
-                 initial_blocks: int = 64):
+                 initial_blocks: int = 64, device: torch.device | str = "cpu"):
+        """device: where the pool lives (the model's); the bookkeeping (tables, counts, prefix keys) stays
+        in Python, and ``table_tensor`` on the host (the model moves tables to its device)."""
         if capacity < 2 or block_size < 1:
             raise ValueError(f"kv cache: needs at least 2 blocks of at least 1 position, got {capacity} x {block_size}")
-        self.config, self.dtype = config, dtype
+        self.config, self.dtype, self.device = config, dtype, torch.device(device)
         self.block_size, self.capacity = block_size, capacity  # capacity includes the scratch block
         self.kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
         self._allocate(min(capacity, max(2, initial_blocks)))
@@ -106,7 +118,7 @@ class PagedKVCache:
         goes back to the system when it grows (per-layer pieces would stay in the heap)."""
         old = getattr(self, "pool", None)
         shape = (self.config.num_layers, 2, blocks, self.kv_heads, self.block_size, self.head_dim)
-        self.pool = torch.zeros(shape, dtype=self.dtype)
+        self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if old is not None:
             self.pool[:, :, : old.shape[2]] = old
         self.k = [self.pool[i, 0] for i in range(self.config.num_layers)]
@@ -208,8 +220,8 @@ class PagedKVCache:
     def table_tensor(tables: list[list[int]], min_blocks: int = 1) -> torch.Tensor:
         """Block tables [B, max blocks] (int64), padded with the scratch block."""
         width = max(min_blocks, max((len(t) for t in tables), default=0))
-        out = torch.full((len(tables), width), SCRATCH, dtype=torch.int64)
+        out = torch.full((len(tables), width), SCRATCH, dtype=torch.int64, device="cpu")
         for i, t in enumerate(tables):
             if t:
-                out[i, : len(t)] = torch.tensor(t)
+                out[i, : len(t)] = torch.tensor(t, device="cpu")
         return out

@@ -14,6 +14,10 @@ That copy rounds ``q * s`` to bfloat16 (relative error <= 2^-9 per weight), and 
 ``pack_for_gemm`` hands it to oneDNN once in oneDNN's own blocked layout (the reorder PyTorch's
 compiler does when it freezes a model): plain weights are reordered again on every call, which costs
 ~20% at 32 rows and half the time at 5-8 rows (measured; same results to the bit).
+
+On a GPU (a CUDA model) every product, decode included, is the device's bfloat16 GEMM over that
+dequantized copy (no int8 kernel, no oneDNN packing): the computation of the CPU's batched path
+(bfloat16 weights and activations, float32 accumulation).
 """
 
 from __future__ import annotations
@@ -56,7 +60,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if x2.shape[0] > INT8_MAX_ROWS:  # batched decode, prefill: a bfloat16 GEMM over the dequantized copy
+        if x2.device.type != "cpu":  # an accelerator: its bfloat16 GEMM over the dequantized copy, any rows
+            y = torch.nn.functional.linear(x2.to(torch.bfloat16), self.dequant)
+        elif x2.shape[0] > INT8_MAX_ROWS:  # batched decode, prefill: a bfloat16 GEMM over the dequantized copy
             packed = self.__dict__.get("_packed")
             if packed is not None:
                 y = torch.ops.mkldnn._linear_pointwise(x2.to(torch.bfloat16), packed, None, "none", [], "")
@@ -84,10 +90,17 @@ class Int8Linear(nn.Module):
         operands are checked once per weight tensor, in ``scale_f32``."""
         s = self.scale_f32
         x = x.contiguous()
-        y = torch.empty(x.shape[0], self.out_features)
+        y = torch.empty(x.shape[0], self.out_features, device=x.device)
         native.library().q8_matmul(x.data_ptr(), x.shape[0], self.in_features, self.qweight.data_ptr(), s.data_ptr(),
                                    self.out_features, y.data_ptr())
         return y
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.dequant.device.type != "cpu":  # oneDNN's packing and the native kernel's scales are CPU-only
+            self.__dict__.pop("_packed", None)
+            self.__dict__.pop("_bound", None)
+        return out
 
     def __getstate__(self):
         # oneDNN's packed tensor is opaque (no storage to copy or pickle): copies drop it and use the

@@ -26,17 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import cuda_graph, decode_step, native
 from .cache import KVCache
 from .config import ModelConfig
 from .paged_cache import SCRATCH, PagedKVCache
 
 
-def _native_ok() -> bool:
-    """The native kernels (model/kernels.c) compute without autograd: inference only. Where they cannot
-    be built, or while gradients are wanted, the PyTorch code below runs (and is the reference they are
-    tested against)."""
-    return not torch.is_grad_enabled() and native.available()
+def _native_ok(x: torch.Tensor) -> bool:
+    """The native kernels (model/kernels.c) compute on CPU tensors without autograd: inference only. Where
+    they cannot be built, on another device (``x``'s), or while gradients are wanted, the PyTorch code below
+    runs (and is the reference they are tested against)."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and native.available()
 
 
 class Linear(nn.Linear):
@@ -46,7 +46,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (x.dim() == 2 and x.shape[0] <= 4 and x.dtype == torch.float32 and w.dtype == torch.float32
-                and w.is_contiguous() and _native_ok()):
+                and w.is_contiguous() and _native_ok(x)):
             y = native.f32_matmul(x.contiguous(), w)
             return y if self.bias is None else y.add_(self.bias)
         return super().forward(x)
@@ -60,7 +60,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            if x.dim() == 2 and _native_ok() and x.is_contiguous():  # one pass, no op overhead
+            if x.dim() == 2 and _native_ok(x) and x.is_contiguous():  # one pass, no op overhead
                 return native.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         # Normalise in float32 whatever the weight dtype (as the reference does), then scale.
@@ -120,14 +120,15 @@ class Step:
     def __init__(self, cos, sin, positions, key_len, mask, groups, rows, native_decode=False, causal=False):
         self.cos, self.sin, self.positions, self.key_len = cos, sin, positions, key_len
         self.mask, self.rows = mask, rows
-        self.batch_idx = torch.arange(positions.shape[0]).unsqueeze(1)
+        self.batch_idx = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1)
         self.small = positions.shape[1] <= 16
         self.causal = causal  # no cache, no padding: the fused kernel's own causal mask (training)
         self.native_lens = None
         if native_decode:  # padding rows sit at the scratch position: they read every key; harmless
             self.native_lens = (positions[:, 0].clamp(max=key_len - 1) + 1).contiguous()
         elif self.small:
-            self.bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+            self.bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            self.bias.masked_fill_(~mask, float("-inf"))
             self.bias = self.bias.repeat(1, 1, groups, 1)
 
 
@@ -224,7 +225,7 @@ class MLP(nn.Module):
         if self.kind != "swiglu":
             return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh" if self.kind == "gelu_tanh" else "none"))
         gate_up = self.gate_up_proj(x)
-        if gate_up.dtype == torch.float32 and gate_up.dim() == 2 and _native_ok():
+        if gate_up.dtype == torch.float32 and gate_up.dim() == 2 and _native_ok(gate_up):
             return self.down_proj(native.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate).mul_(up))
@@ -245,6 +246,17 @@ class Block(nn.Module):
             return h + self.mlp(self.post_attention_layernorm(h))
         h = self.input_layernorm(h + self.self_attn(h, step, layer_cache))
         return self.post_attention_layernorm(h + self.mlp(h))
+
+
+def _host_plan(positions: torch.Tensor, valid: torch.Tensor, cache) -> tuple[int, bool]:
+    """What ``forward`` reads as Python values, from inputs still on the host: the number of keys attended
+    (with a cache) and whether the fused causal kernel applies (without one). The same expressions as
+    ``forward``'s own (masking padding first gives the same maximum)."""
+    T = positions.shape[1]
+    key_len = int(positions.masked_fill(~valid, -1).max()) + 1 if cache is not None else T
+    causal = cache is None and bool(valid.all()) and T > 1
+    causal = causal and bool((positions[:, 1:] - positions[:, :-1] == 1).all())
+    return key_len, causal
 
 
 def fuse_state_dict(state_dict: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
@@ -305,7 +317,29 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The activations' dtype: the final norm's (block-quantized embeddings have no float weight)."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (the final norm's): forward moves inputs made elsewhere here."""
+        return self.model.norm.weight.device
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_fused_decode", None)  # .to() and friends may replace weights: bind again
+        self.__dict__.pop("_cuda_graphs", None)  # (captured graphs hold the old weights' addresses)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_fused_decode", None)  # raw pointers (ctypes): a copy binds its own weights on use
+        state.pop("_cuda_graphs", None)  # device addresses: a copy captures its own graphs
+        return state
+
+    def load_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_fused_decode", None)  # assign=True replaces weight tensors: bind again
+        self.__dict__.pop("_cuda_graphs", None)
+        return super().load_state_dict(*args, **kwargs)
 
     def forward(
         self,
@@ -338,21 +372,43 @@ class Transformer(nn.Module):
             layers of a model are its own early-exit amateur, so contrastive decoding needs no second pass.
         """
         B, T = tokens.shape
+        paged = isinstance(cache, PagedKVCache)
+        dev = self.device
+        plain_decode = (paged and T == 1 and not exits and num_layers is None and isinstance(logits_at, str)
+                        and logits_at == "last" and not torch.is_grad_enabled())
+        if plain_decode and dev.type == "cpu" and B <= decode_step.MAX_ROWS and cache.dtype == torch.float32:
+            fused = decode_step.for_model(self, B)  # the whole step in one native call (decode_step.py)
+            if fused is not None:
+                return fused(tokens, positions, cache, block_tables, valid)
+        if plain_decode and dev.type == "cuda":
+            graphs = cuda_graph.for_model(self, cache, B)  # the step replayed from a CUDA graph (cuda_graph.py)
+            if graphs is not None:
+                return graphs(tokens, positions, cache, block_tables, valid)
         if valid is None:
             valid = torch.ones_like(tokens, dtype=torch.bool)
-        paged = isinstance(cache, PagedKVCache)
+        host = None
+        if tokens.device != dev:
+            # Inputs built on the host for a model on an accelerator: what must be a Python value (the keys
+            # attended, whether the fused causal kernel applies) is read here, where reading costs no device
+            # sync; then every input moves to the model's device once.
+            host = _host_plan(positions, valid, cache)
+            tokens, positions, valid = tokens.to(dev), positions.to(dev), valid.to(dev)
+            if block_tables is not None:
+                block_tables = block_tables.to(dev)
+            if isinstance(logits_at, torch.Tensor):
+                logits_at = logits_at.to(dev)
         if paged:
             bs, W = cache.block_size, block_tables.shape[1]
             write_blocks = torch.where(valid, block_tables.gather(1, (positions // bs).clamp(max=W - 1)), SCRATCH)
             write_offsets = torch.where(valid, positions % bs, 0)
             positions = torch.where(valid, positions, 0)  # a padded query sees key 0 only; its output is unused
-            key_len = int(positions.masked_fill(~valid, -1).max()) + 1
-            mask = torch.arange(key_len).view(1, 1, 1, -1) <= positions.view(B, 1, T, 1)
+            key_len = host[0] if host is not None else int(positions.masked_fill(~valid, -1).max()) + 1
+            mask = torch.arange(key_len, device=positions.device).view(1, 1, 1, -1) <= positions.view(B, 1, T, 1)
         elif cache is not None:
             rows = rows if rows is not None else slice(0, B)
             positions = torch.where(valid, positions, cache.scratch)
-            key_len = int(positions.masked_fill(~valid, -1).max()) + 1
-            key_pos = torch.arange(key_len)
+            key_len = host[0] if host is not None else int(positions.masked_fill(~valid, -1).max()) + 1
+            key_pos = torch.arange(key_len, device=positions.device)
             # key j is visible to a query at position p iff j <= p: causal, and (since each row's real
             # positions are contiguous from 0) it also excludes the padding, which sits at `scratch`.
             mask = key_pos.view(1, 1, 1, -1) <= positions.view(B, 1, T, 1)
@@ -360,7 +416,7 @@ class Transformer(nn.Module):
             key_len = T
             # causal by position, and padded keys hidden; a padded query sees itself so no row is empty.
             mask = (positions.unsqueeze(1) <= positions.unsqueeze(2)) & valid.unsqueeze(1)
-            mask = (mask | torch.eye(T, dtype=torch.bool)).unsqueeze(1)  # [B, 1, T, T]
+            mask = (mask | torch.eye(T, dtype=torch.bool, device=positions.device)).unsqueeze(1)  # [B, 1, T, T]
         rope = self.config.position == "rope"
         cos = sin = None
         if rope:
@@ -369,16 +425,28 @@ class Transformer(nn.Module):
         native_decode = (rope and cache is not None and T == 1 and self.dtype == torch.float32
                          and cache.dtype == torch.float32 and (paged or (isinstance(rows, slice)
                                                                          and rows.step in (None, 1)))
-                         and _native_ok())
-        causal = cache is None and bool(valid.all()) and T > 1
+                         and _native_ok(tokens))
+        if host is not None:
+            causal = host[1]
+        else:
+            causal = cache is None and bool(valid.all()) and T > 1
+            causal = causal and bool((positions[:, 1:] - positions[:, :-1] == 1).all())
         step = Step(cos, sin, positions, key_len, mask, self.config.num_heads // self.config.num_kv_heads, rows,
-                    native_decode, causal=causal and bool((positions[:, 1:] - positions[:, :-1] == 1).all()))
+                    native_decode, causal=causal)
         if paged:
             step.tables = block_tables.contiguous()
             step.write_blocks, step.write_offsets = write_blocks.contiguous(), write_offsets.contiguous()
             if native_decode and not (0 <= int(block_tables.min()) and int(block_tables.max()) < cache.k[0].shape[0]):
                 raise ValueError("model: a block table names a block outside the pool")
+        return self.run_layers(tokens, positions, step, cache, logits_at, valid, num_layers, exits)
 
+    def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor, step: Step, cache, logits_at,
+                   valid: torch.Tensor, num_layers: int | None = None, exits: tuple[int, ...] = ()):
+        """The body of ``forward`` once its ``Step`` is made: embedding, the blocks, the final norm and the LM
+        head (``positions``: as the step has them, padding moved). ``cuda_graph`` captures this with a step
+        built from its static buffers."""
+        B, T = tokens.shape
+        rope = self.config.position == "rope"
         h = self.model.embed_tokens(tokens.reshape(-1))  # [B*T, C]: every matmul sees one 2-D input
         if not rope:  # learned absolute positions (padding sits at the scratch position: clamp, it is masked)
             h = h + self.model.embed_positions(positions.clamp(max=self.config.context_length - 1).reshape(-1))
@@ -401,7 +469,7 @@ class Transformer(nn.Module):
             return self.model.norm(h)
         if isinstance(logits_at, str) and logits_at == "last":
             last = valid.long().cumsum(1).argmax(1)  # index of the last valid token of each row
-            h = h[torch.arange(B), last]  # [B, C]
+            h = h[torch.arange(B, device=h.device), last]  # [B, C]
         elif isinstance(logits_at, torch.Tensor):
             h = h.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [B, N, C]
         return self.lm_head(self.model.norm(h)).float()

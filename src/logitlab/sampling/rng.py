@@ -52,8 +52,16 @@ def uniforms(seeds: torch.Tensor, counters: torch.Tensor, stream: int = 0) -> to
 
     ``seeds`` and ``counters`` are int64 tensors of the same shape (any bit pattern is fine); ``stream``
     is a small non-negative integer naming an independent sequence (e.g. draft / accept / residual draws
-    of speculative decoding). The top 53 bits of the hash give the mantissa, so ``u < 1`` always."""
-    s = torch.as_tensor(seeds).long()
+    of speculative decoding). The top 53 bits of the hash give the mantissa, so ``u < 1`` always.
+
+    The hash is always computed on the CPU: seeds on another device are brought to the host and the
+    uniforms go back to that device, so a row draws the same numbers wherever its logits are. (The
+    sampler passes host copies of its seeds and counters, so its hot path copies nothing back.)"""
+    s = seeds if isinstance(seeds, torch.Tensor) else torch.as_tensor(seeds, device="cpu")
+    if s.device.type != "cpu":
+        c = counters if isinstance(counters, torch.Tensor) else torch.as_tensor(counters, device="cpu")
+        return uniforms(s.to("cpu"), c.to("cpu"), stream).to(s.device)
+    s = s.long()
     c = torch.as_tensor(counters, device=s.device).long()
     key = _mix(s + _signed(GOLDEN_U * (int(stream) + 1)))
     x = _mix(key + c * GOLDEN)

@@ -38,6 +38,11 @@ Cost (see ``bench_sampler``): no full sort unless unavoidable.
   result either way). min-p, epsilon and eta need no ordering at all.
 * Seeded draws: one float64 cumsum + searchsorted per row, no ``torch.multinomial``.
 
+Devices: the pipeline runs where the logits are. ``SamplingBatch.build(device=...)`` puts the per-row
+tensors there (built on the host, moved once per batch composition); counters (``num_generated``) may
+come from the host; the uniforms are always hashed on the host (``rng.py``) and moved, so a seeded row
+draws the same numbers on a GPU as on the CPU. Every tensor made here names its device.
+
 Logprobs: ``raw`` = log_softmax of the model's logits (after step 0), ``processed`` = log of the final
 distribution the token was drawn from (greedy rows: 0 for the argmax). Both are returned; each row's
 ``logprobs_mode`` picks the one in ``SamplerOutput.logprobs`` / ``top_logprobs``.
@@ -112,11 +117,14 @@ class SamplingBatch:
     uses: frozenset  # names of the stages some row needs
     vocab_size: int = 0
     compact_k: int = 0  # > 0: every sampled row uses top-k <= compact_k, so the compact path applies
+    # [B] long on the host when the batch lives on another device: the uniforms are hashed there (rng.py)
+    host_seeds: torch.Tensor | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], vocab_size: int, eos_token_ids=(),
               device="cpu", token_texts=None) -> SamplingBatch:
-        """Tensors for rows ``params[i]`` drawing with ``seeds[i]`` (validated params assumed).
+        """Tensors for rows ``params[i]`` drawing with ``seeds[i]`` (validated params assumed), on ``device``
+        (the logits'), made on the host and moved once per batch composition.
         ``token_texts[i]``, token i decoded alone (a list, or a ``history.TokenTexts`` that caches the look-
         ups), resolves DRY's sequence breakers to token ids; without it DRY runs without breakers."""
         if len(seeds) != len(params):
@@ -137,20 +145,20 @@ class SamplingBatch:
 
         bias = allowed = banned = breakers = None
         if any(p.logit_bias for p in params):
-            rows, ids, vals = _triples((i, int(t), float(v)) for i, p in enumerate(params)
-                                       for t, v in (p.logit_bias or {}).items())
+            rows, ids, vals = _triples(((i, int(t), float(v)) for i, p in enumerate(params)
+                                        for t, v in (p.logit_bias or {}).items()), device)
             bias = torch.zeros(B, V, device=device)
             bias[rows, ids] = torch.tensor(vals, device=device)
         if any(p.allowed_token_ids is not None for p in params):
             restricted = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
             allowed = torch.ones(B, V, dtype=torch.bool, device=device)
             allowed[restricted] = False
-            rows, ids, _ = _triples((i, int(t), 0) for i in restricted for t in params[i].allowed_token_ids)
+            rows, ids, _ = _triples(((i, int(t), 0) for i in restricted for t in params[i].allowed_token_ids), device)
             allowed[rows, ids] = True
         if any(p.banned_token_ids for p in params):
             banned = torch.zeros(B, V, dtype=torch.bool, device=device)
-            rows, ids, _ = _triples((i, int(t), 0) for i, p in enumerate(params)
-                                    for t in p.banned_token_ids or ())
+            rows, ids, _ = _triples(((i, int(t), 0) for i, p in enumerate(params)
+                                     for t in p.banned_token_ids or ()), device)
             banned[rows, ids] = True
         dry_rows = [p.dry_multiplier > 0 and p.dry_penalty_last_n != 0 for p in params]
         if token_texts is not None and any(on and p.dry_sequence_breakers for p, on in zip(params, dry_rows,
@@ -160,11 +168,11 @@ class SamplingBatch:
             for i, p in enumerate(params):
                 ids = texts.breaker_ids(tuple(p.dry_sequence_breakers)) if dry_rows[i] else ()
                 if ids:
-                    breakers[i, torch.tensor(ids, dtype=torch.long)] = True
+                    breakers[i, torch.tensor(ids, dtype=torch.long, device=device)] = True
         eos = sorted({int(t) for t in eos_token_ids})
         eos_mask = torch.zeros(V, dtype=torch.bool, device=device)
         if eos:
-            eos_mask[torch.tensor(eos, dtype=torch.long)] = True
+            eos_mask[torch.tensor(eos, dtype=torch.long, device=device)] = True
 
         uses = set()
         if allowed is not None or banned is not None:
@@ -237,20 +245,23 @@ class SamplingBatch:
             eos_ids=col(eos, torch.long), eos_mask=eos_mask,
             bias=bias, allowed=allowed, banned=banned, uses=frozenset(uses), vocab_size=V,
             compact_k=compact_k,
+            host_seeds=None if torch.device(device).type == "cpu"
+            else torch.tensor([canonical_seed(s) for s in seeds], dtype=torch.long, device="cpu"),
         )
 
     def __len__(self) -> int:
         return self.temperature.shape[0]
 
 
-def _triples(items) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """(row, token, value) triples -> (rows, tokens) index tensors and the values, for one index_put."""
+def _triples(items, device="cpu") -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(row, token, value) triples -> (rows, tokens) index tensors on ``device`` and the values, for one
+    index_put."""
     rows, ids, vals = [], [], []
     for r, t, v in items:
         rows.append(r)
         ids.append(t)
         vals.append(v)
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(ids, dtype=torch.long), vals
+    return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(ids, dtype=torch.long, device=device), vals
 
 
 @dataclass
@@ -324,12 +335,34 @@ class _Final:
         return columns if self.ids is None else self.ids.gather(-1, columns.unsqueeze(-1)).squeeze(-1)
 
 
+def _row_uniforms(b: SamplingBatch, counters: torch.Tensor, host_counters: torch.Tensor | None,
+                  stream: int = 0) -> torch.Tensor:
+    """The rows' uniforms ``hash(seed, counter, stream)`` on the batch's device. A batch on another device
+    hashes on the host (its ``host_seeds``, the counters as the caller made them) and moves the [B]
+    result: the same numbers as on the CPU, and no copy back to the host."""
+    if b.host_seeds is None:
+        return rng_uniforms(b.seeds, counters, stream=stream)
+    host = host_counters if host_counters is not None else counters.to("cpu")
+    return rng_uniforms(b.host_seeds, host, stream=stream).to(b.seeds.device)
+
+
+def _counters(num_generated: torch.Tensor | None, B: int, device: torch.device):
+    """(the rows' counters on ``device``, the caller's host tensor when it made them on the host, else None)."""
+    if num_generated is None:
+        return torch.zeros(B, dtype=torch.long, device=device), None
+    if num_generated.device != device:  # made on the host for logits on a device: moved once, kept for hashing
+        return num_generated.to(device), num_generated
+    return num_generated, None
+
+
 def _pipeline(logits: torch.Tensor, b: SamplingBatch, output_counts, prompt_counts, num_generated,
-              tracer: _Tracer, want_raw: bool = True, history=None, mirostat_mu=None):
+              tracer: _Tracer, want_raw: bool = True, history=None, mirostat_mu=None, host_counters=None):
     """Steps 0-5. Returns (final distribution, raw log-probabilities [B, V] or None, failed [B])."""
     if logits.dim() != 2 or logits.shape[0] != len(b):
         raise ValueError(f"logits must be [B={len(b)}, V], got {tuple(logits.shape)}")
     B, V = logits.shape
+    if num_generated is not None and num_generated.device != logits.device:
+        num_generated, host_counters = _counters(num_generated, B, logits.device)
     x = logits.float().nan_to_num(nan=NEG_INF, posinf=float("inf"), neginf=NEG_INF)  # a new tensor
     raw_x = raw = None
     if want_raw:
@@ -413,7 +446,7 @@ def _pipeline(logits: torch.Tensor, b: SamplingBatch, output_counts, prompt_coun
             param = getattr(b, name)
             stage(name, lambda v, fn=fn, param=param: fn(v, param))
     if "xtc_probability" in u:
-        fire = rng_uniforms(b.seeds, num_generated, stream=XTC_STREAM) < b.xtc_probability
+        fire = _row_uniforms(b, num_generated, host_counters, XTC_STREAM) < b.xtc_probability
         stage("xtc", lambda v: P.xtc(v, fire, b.xtc_threshold))
     mu = None
     if "mirostat" in u:
@@ -476,7 +509,7 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         probs = torch.nn.functional.pad(probs, (0, nb * S - C))
     blocks = probs.reshape(B, nb, S)
     bcdf = blocks.sum(-1).to(torch.float64).cumsum(-1)  # [B, nb]
-    target = u.to(torch.float64).reshape(B, 1) * bcdf[:, -1:]
+    target = u.to(probs.device, torch.float64).reshape(B, 1) * bcdf[:, -1:]
     bi = torch.searchsorted(bcdf, target, right=True)  # [B, 1]: first block whose cumulative mass > target
     bi = torch.where(bi >= nb, bcdf.argmax(-1, keepdim=True), bi)  # u * total rounded up: last block w/ mass
     before = torch.where(bi > 0, bcdf.gather(-1, (bi - 1).clamp(min=0)), 0.0)
@@ -501,12 +534,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, *, output_counts: torch.T
     no_repeat_ngram_size; without it they see nothing repeated). ``mirostat_mu`` ``[B]``: each Mirostat
     row's state (None: the initial 2 tau); the updated state is ``SamplerOutput.mirostat_mu``."""
     B, V = logits.shape
-    if num_generated is None:
-        num_generated = torch.zeros(B, dtype=torch.long, device=logits.device)
+    num_generated, host_counters = _counters(num_generated, B, logits.device)
     tracer = _Tracer(explain)
     final, raw, failed = _pipeline(logits, batch, output_counts, prompt_counts, num_generated, tracer,
-                                   history=history, mirostat_mu=mirostat_mu)
-    u = uniforms if uniforms is not None else rng_uniforms(batch.seeds, num_generated)
+                                   history=history, mirostat_mu=mirostat_mu, host_counters=host_counters)
+    if uniforms is None:
+        u = _row_uniforms(batch, num_generated, host_counters)
+    else:  # the caller's own uniforms, on the logits' device
+        u = uniforms if uniforms.device == logits.device else uniforms.to(logits.device)
     probs = torch.softmax(final.x, -1)  # final.x has no NaN / +inf, and a finite entry in every row
     cols = _draw(probs, u)
     tokens = final.tokens(cols)

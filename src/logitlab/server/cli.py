@@ -17,7 +17,11 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
                               "and the playground at /")
     s.add_argument("--model", default=None, help="alias, .gguf path or Hugging Face directory "
                    "(default: smollm2-135m-instruct)")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"])
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8", "gguf", "float16"],
+                   help="float16: with --device cuda only")
+    s.add_argument("--exact-head", action="store_true", help="with --dtype gguf: a float32 LM head")
+    s.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="cpu (default), cuda or cuda:N: the model, its KV cache and the sampler run there")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine "
                    "only; use 0.0.0.0 deliberately, with --api-key)")
     s.add_argument("--port", type=int, default=8000)
@@ -100,6 +104,12 @@ def _check(a) -> None:
         raise ParamError("port", f"must be in [0, 65535], got {a.port}")
     if a.kv_memory is not None and not 0 < a.kv_memory < 1e6:  # also false for nan
         raise ParamError("kv-memory", f"must be a positive number of GB, got {a.kv_memory}")
+    if getattr(a, "device", "cpu") != "cpu":
+        from ..engine import resolve_device
+
+        resolve_device(a.device)  # a GPU this machine lacks: one line before the socket and the model
+    elif a.dtype == "float16":
+        raise ParamError("dtype", "float16 runs on a GPU only (add --device cuda)")
     for name in a.served_model_name or []:
         if not name.strip():
             raise ParamError("served-model-name", "must not be empty")
@@ -172,7 +182,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
             print(f"warning: serving on {a.host} without --api-key: anyone who can reach this port can use it",
                   file=sys.stderr)
         engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, max_batch=a.max_batch, max_len=a.max_len,
-                             kv_memory=a.kv_memory)
+                             kv_memory=a.kv_memory, exact_head=a.exact_head,
+                             **({"device": a.device} if getattr(a, "device", "cpu") != "cpu" else {}))
         app = create_app(engine, api_key=api_key, max_queue=a.max_queue, max_body_bytes=a.max_body_bytes,
                          model_names=a.served_model_name, limits=limits_from_args(a), bind_host=a.host,
                          allowed_hosts=a.allowed_host)

@@ -50,10 +50,28 @@ def load_weights(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, progress: b
 
         config, state = load_hf_dir(source)
         tokenizer = Tokenizer.from_hf_dir(source)
+    return LoadedWeights(config, state, tokenizer, source, _name(name_or_path, source))
+
+
+def _name(name_or_path, source: Path) -> str:
     name = os.fspath(name_or_path).strip().lower()
     if name not in MODELS:
         name = source.stem if source.is_file() else source.resolve().name
-    return LoadedWeights(config, state, tokenizer, source, name)
+    return name
+
+
+def load_gguf_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, exact_head: bool = False, *,
+                    progress: bool = True):
+    """(model computing on the GGUF's own blocks, tokenizer, name) for ``--dtype gguf``: no float32
+    conversion of the file is made (see gguf_blocks.py)."""
+    source = resolve_model(name_or_path)
+    if not source.is_file():
+        raise ValueError(f"model: --dtype gguf needs a GGUF file; {source.name} is a Hugging Face directory "
+                         "(use float32, bfloat16 or int8)")
+    from .gguf_blocks import load_gguf_blocks
+
+    _, model, tok_meta = load_gguf_blocks(source, exact_head=exact_head, progress=progress)
+    return model, Tokenizer.from_gguf_metadata(tok_meta), _name(name_or_path, source)
 
 
 __all__ = [
@@ -65,6 +83,7 @@ __all__ = [
     "ModelNotFoundError",
     "cache_dir",
     "known_models",
+    "load_gguf_model",
     "load_weights",
     "resolve_model",
 ]

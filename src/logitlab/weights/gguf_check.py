@@ -49,6 +49,7 @@ class GGUFLayout:
     data_start: int
     file_size: int
     tensors: tuple[TensorInfo, ...]
+    metadata: dict | None = None  # every key's value (``check_gguf(metadata=True)``), as gguf-py gives them
 
 
 class _Bad(ValueError):
@@ -92,7 +93,7 @@ class _Reader:
 
 
 def _value(r: _Reader, vtype: int, key: str, keep: bool):
-    """Read (or skip) one value of ``vtype``; scalars and strings are returned when ``keep``."""
+    """Read (or skip) one value of ``vtype``; returned (arrays as lists) when ``keep``."""
     if vtype in _SCALAR_SIZE:
         if keep:
             return r.unpack(_SCALAR_FMT[vtype], f"value of {key}")
@@ -104,10 +105,16 @@ def _value(r: _Reader, vtype: int, key: str, keep: bool):
         sub = r.unpack("I", f"element type of {key}")
         count = r.unpack("Q", f"length of {key}")
         if sub in _SCALAR_SIZE:
-            r.take(count * _SCALAR_SIZE[sub], f"{count} elements of {key}")  # bounded by the bytes left
+            at = r.take(count * _SCALAR_SIZE[sub], f"{count} elements of {key}")  # bounded by the bytes left
+            if keep:
+                import numpy as np
+
+                return np.frombuffer(r.buf, np.dtype(r.order + _SCALAR_FMT[sub]), count, at).tolist()
         elif sub == _STRING:
             if count > (r.end - r.pos) // 8:  # each string takes >= 8 bytes (its length)
                 raise _Bad(f"{key} claims {count} strings; the file has room for at most {(r.end - r.pos) // 8}")
+            if keep:
+                return [r.string(f"{key}[{i}]") for i in range(count)]
             for i in range(count):
                 r.skip_string(f"{key}[{i}]")
         elif sub == _ARRAY:
@@ -118,8 +125,10 @@ def _value(r: _Reader, vtype: int, key: str, keep: bool):
     raise _Bad(f"{key} has an unknown value type {vtype}")
 
 
-def check_gguf(path: str | Path) -> GGUFLayout:
-    """Walk the header of ``path``; ``ValueError("model: <file>: ...")`` at the first thing wrong."""
+def check_gguf(path: str | Path, metadata: bool = False) -> GGUFLayout:
+    """Walk the header of ``path``; ``ValueError("model: <file>: ...")`` at the first thing wrong.
+    ``metadata=True`` also keeps every metadata value (the walk bounds them all the same): the reader
+    the block loader uses instead of gguf-py's, whose per-element views take seconds on a vocabulary."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -127,14 +136,14 @@ def check_gguf(path: str | Path) -> GGUFLayout:
             if size < 24:
                 raise _Bad(f"is {size} bytes long, too short for a GGUF header (24 bytes)")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _walk(buf, size)
+                return _walk(buf, size, metadata)
     except _Bad as e:
         raise ValueError(f"model: {path.name}: {e}") from None
     except OSError as e:
         raise ValueError(f"model: cannot read {path.name}: {e.strerror or e}") from None
 
 
-def _walk(buf, size: int) -> GGUFLayout:
+def _walk(buf, size: int, keep_all: bool = False) -> GGUFLayout:
     import gguf
 
     if bytes(buf[:4]) != GGUF_MAGIC:
@@ -157,6 +166,7 @@ def _walk(buf, size: int) -> GGUFLayout:
 
     alignment = DEFAULT_ALIGNMENT
     keys: set[str] = set()
+    values: dict = {}
     for _ in range(n_kv):
         key = r.string("metadata key", limit=MAX_KEY)
         if not key:
@@ -165,7 +175,9 @@ def _walk(buf, size: int) -> GGUFLayout:
             raise _Bad(f"metadata key {key!r} appears twice")
         keys.add(key)
         vtype = r.unpack("I", f"value type of {key}")
-        value = _value(r, vtype, key, keep=key == "general.alignment")
+        value = _value(r, vtype, key, keep=keep_all or key == "general.alignment")
+        if keep_all:
+            values[key] = value
         if key == "general.alignment":
             if vtype != _UINT32:
                 raise _Bad("general.alignment must be a uint32")
@@ -217,4 +229,4 @@ def _walk(buf, size: int) -> GGUFLayout:
         if a.offset + a.nbytes > b.offset:
             raise _Bad(f"tensors {a.name} and {b.name} overlap (bytes {a.offset}-{a.offset + a.nbytes} and "
                        f"{b.offset}-{b.offset + b.nbytes})")
-    return GGUFLayout(version, alignment, data_start, size, tuple(tensors))
+    return GGUFLayout(version, alignment, data_start, size, tuple(tensors), values if keep_all else None)
