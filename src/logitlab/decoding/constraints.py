@@ -583,11 +583,6 @@ def constrained_generate(model_or_engine, prompt, constraint: Constraint, params
     sched = Scheduler.standalone(model, tokenizer, eos, params.n, cache_len, cache_len)
     requests = [Request(list(prompt_ids), params, s, group=0, index=i, constraint=constraint.start())
                 for i, s in enumerate(seeds)]
-    sched.add(requests)
-    while not all(r.finished for r in requests):
-        sched.step()
-    eos_set = set(sched.eos_ids)
-    out = [list(r.output_ids) for r in requests]
-    texts = [tokenizer.decode([t for t in o if t not in eos_set]) for o in out] if tokenizer else None
+    out, texts = sched.run_to_end(requests, tokenizer)
     return ConstrainedOutput(out, [r.finish_reason for r in requests], texts,
                              [list(r.token_logprobs) for r in requests])

@@ -169,12 +169,7 @@ def contrastive_generate(
                         constraint=constraint.start() if constraint is not None else None,
                         contrastive=(who, float(alpha), float(amateur_temperature)), trace_contrastive=trace)
                 for i, s in enumerate(seeds)]
-    sched.add(requests)
-    while not all(r.finished for r in requests):
-        sched.step()
-    eos_set = set(sched.eos_ids)
-    out = [list(r.output_ids) for r in requests]
-    texts = [tokenizer.decode([t for t in o if t not in eos_set]) for o in out] if tokenizer else None
+    out, texts = sched.run_to_end(requests, tokenizer)
     traces = None
     if trace:
         def name(i):

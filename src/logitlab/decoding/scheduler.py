@@ -159,6 +159,16 @@ class Scheduler:
         sched.eos_ids = sorted(int(e) for e in eos_token_ids)
         return sched
 
+    def run_to_end(self, requests: list[Request], tokenizer) -> tuple[list[list[int]], list[str] | None]:
+        """Add ``requests``, step until every one has finished, and return their token ids and (given a
+        tokenizer) their texts without end-of-sequence ids: the tail of the standalone mode functions."""
+        self.add(requests)
+        while not all(r.finished for r in requests):
+            self.step()
+        eos = set(self.eos_ids)
+        out = [list(r.output_ids) for r in requests]
+        return out, [tokenizer.decode([t for t in o if t not in eos]) for o in out] if tokenizer else None
+
     def add(self, requests: list[Request]) -> None:
         """Queue requests (checked by ``check_fits`` in ``Engine.make_requests``); the ``n`` samples of
         one prompt are added together (same group). The hypotheses of a beam search queue their group."""

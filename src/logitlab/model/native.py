@@ -52,7 +52,8 @@ def _cpu_signature() -> str:
 def _build(cache: Path) -> Path | None:
     cc = os.environ.get("CC", "cc")
     sources = [p for p in SOURCES if p.exists()]
-    text = b"".join(p.read_bytes() for p in sources)
+    headers = sorted(SOURCES[0].parent.glob("*.h"))  # included by the sources: part of the key too
+    text = b"".join(p.read_bytes() for p in sources + headers)
     key = hashlib.sha256(text + " ".join([cc, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
     out = cache / "kernels" / f"kernels-{key}.so"
     if out.exists():

@@ -56,13 +56,7 @@
    threads). Prefetching the scales too (an eighth to a quarter of the bytes) measured no better. */
 #define QB_PREFETCH 4096
 
-typedef struct {
-    int64_t out, in;
-    int32_t bits, group, scale_f32, pad;
-    const uint8_t *codes;
-    const void *d;
-    const void *m;
-} qb_mat;
+#include "qblocks.h"
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 

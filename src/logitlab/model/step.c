@@ -16,18 +16,7 @@
 #include <math.h>
 #include <omp.h>
 
-typedef struct {
-    int64_t out, in;
-    int32_t bits, group, scale_f32, pad;
-    const uint8_t *codes;
-    const void *d;
-    const void *m;
-} qb_mat;
-
-void qb_quantize(const float *x, int64_t R, int64_t in, int8_t *xq, float *xd, float *xs);
-void qb_matmul_rows(const qb_mat *w, const int8_t *xq, const float *xd, const float *xs, int64_t R, float *y,
-                    int64_t y_stride, int accumulate);
-void qb_dequant_rows(const qb_mat *w, const int64_t *ids, int64_t n, float *out);
+#include "qblocks.h"
 
 void f32_matmul_rows(const float *x, int64_t rows, int64_t in, const float *w, int64_t out, float *y,
                      int64_t y_stride, int acc);
