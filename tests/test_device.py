@@ -248,15 +248,19 @@ def _flat(outs):
     return flat
 
 
+def _tiny_in(dtype: str):
+    """The tiny model in float32, bfloat16 or int8."""
+    model = tiny_model(seed=2)
+    if dtype == "bfloat16":
+        return model.to(torch.bfloat16)
+    return quantize_int8(model) if dtype == "int8" else model
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_forward_makes_every_tensor_on_its_inputs_device(per_op, dtype):
     """Run with PyTorch's default device set to meta, the forward gives the same results: nothing it
     makes relies on the default (CPU) device."""
-    model = tiny_model(seed=2)
-    if dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
-    if dtype == "int8":
-        model = quantize_int8(model)
+    model = _tiny_in(dtype)
     with torch.inference_mode():
         ref = _flat(_forwards(model))
         got = _flat(_forwards(model, lambda: torch.device("meta")))
@@ -270,11 +274,7 @@ def test_a_model_elsewhere_takes_host_inputs(per_op, dtype):
     """A model on another device (meta stands in for a GPU) with inputs built on the host, as the scheduler
     builds them: the forward moves them (reading what it needs as Python values on the host first) and
     every output is on the model's device."""
-    model = tiny_model(seed=2)
-    if dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
-    if dtype == "int8":
-        model = quantize_int8(model)
+    model = _tiny_in(dtype)
     with torch.inference_mode():
         shapes = [tuple(o.shape) for o in _flat(_forwards(model))]
         model = model.to("meta")

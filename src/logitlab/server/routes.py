@@ -87,6 +87,13 @@ def register_routes(app: FastAPI, ctx: AppContext) -> None:
                            param="model", code="model_not_found")
         return name or served[0]
 
+    async def authorized_body(request: Request, schema: type[BaseModel]):
+        """The first steps of every POST route: the API key, the body parsed against ``schema``, its model
+        served here. Returns (body, model name)."""
+        auth(request)
+        body = await read_body(request, schema)
+        return body, check_model(body.model)
+
     def sampling_params(body: schemas._Sampling, **extra) -> SamplingParams:
         return parsing.sampling_params(body, max_batch, **extra)
 
@@ -273,9 +280,7 @@ def register_routes(app: FastAPI, ctx: AppContext) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request):
         t0 = time.perf_counter()
-        auth(request)
-        body = await read_body(request, schemas.CompletionRequest)
-        model = check_model(body.model)
+        body, model = await authorized_body(request, schemas.CompletionRequest)
         conformance.check_request(body)
         prompts = _prompts(body.prompt)
         want_lp = body.logprobs is not None
@@ -327,9 +332,7 @@ def register_routes(app: FastAPI, ctx: AppContext) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         t0 = time.perf_counter()
-        auth(request)
-        body = await read_body(request, schemas.ChatRequest)
-        model = check_model(body.model)
+        body, model = await authorized_body(request, schemas.ChatRequest)
         conformance.check_request(body)
         tool_plan = tools.plan(body)  # tools, tool_choice, parallel_tool_calls (tools.py)
         messages, variables = tools.conversation([m.as_dict() for m in body.messages], tool_plan,
@@ -438,9 +441,7 @@ def register_routes(app: FastAPI, ctx: AppContext) -> None:
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        auth(request)
-        body = await read_body(request, schemas.TokenizeRequest)
-        check_model(body.model)
+        body, _ = await authorized_body(request, schemas.TokenizeRequest)
         if (body.prompt is None) == (body.messages is None):
             raise ParamError("prompt", "give exactly one of prompt or messages")
         if body.messages is not None:
@@ -460,9 +461,7 @@ def register_routes(app: FastAPI, ctx: AppContext) -> None:
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        auth(request)
-        body = await read_body(request, schemas.DetokenizeRequest)
-        check_model(body.model)
+        body, _ = await authorized_body(request, schemas.DetokenizeRequest)
         V = min(engine.vocab_size, tok.vocab_size)
         bad = [t for t in body.tokens if not 0 <= t < V]
         if bad:
@@ -483,9 +482,7 @@ def register_routes(app: FastAPI, ctx: AppContext) -> None:
     # ---- routes: the playground --------------------------------------------------------------
     @app.post("/v1/distribution")
     async def distribution(request: Request):
-        auth(request)
-        body = await read_body(request, schemas.DistributionRequest)
-        check_model(body.model)
+        body, _ = await authorized_body(request, schemas.DistributionRequest)
         kw = {f: getattr(body, f) for f in schemas.DIST_PASS_THROUGH if getattr(body, f) is not None}
         if body.logit_bias is not None:
             kw["logit_bias"] = _logit_bias(body.logit_bias)
