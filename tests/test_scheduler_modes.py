@@ -162,6 +162,43 @@ def test_speculative_rows_in_the_scheduler_equal_the_speculative_loop(engine, dr
     assert plain[0].finished and sched.cache.used_blocks() == 0
 
 
+def test_speculative_verification_rides_in_the_one_decode_forward(engine, monkeypatch):
+    """Once running, a step of a plain stream beside a speculative request is one target forward: the drafted
+    tokens are verified as one-token rows of the plain rows' decode forward, not in a call of their own; the
+    neighbour's tokens are the ones it gets alone, and the speculative rows' are the standalone loop's."""
+    from logitlab.decoding.modes import spec_group
+    from logitlab.decoding.speculative import speculative_generate
+
+    ids = engine.encode_prompt("one two three one two three one two")
+    params = SamplingParams(max_tokens=12, temperature=0.0, seed=7, ignore_eos=True)
+    loop = speculative_generate(engine.model, "ngram", ids, params, num_speculative_tokens=3,
+                                eos_token_ids=sorted(engine.tokenizer.eos_token_ids))
+    neighbour = SamplingParams(max_tokens=40, temperature=0.7, seed=1, ignore_eos=True)
+    alone = engine.generate(engine.encode_prompt("a neighbour"), neighbour)[0].choices[0].token_ids
+    sched = engine.scheduler
+    plain = engine.make_requests("a neighbour", neighbour)
+    sched.add(plain)
+    sched.step()  # the neighbour is running
+    group = spec_group(engine, ids, params, DriverOptions(speculative="ngram", num_speculative_tokens=3))
+    sched.add(group.requests)
+    sched.step()  # the speculative prompt is prefilled
+    calls, model = [], engine.model
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k))
+    steps = 0
+    while not group.requests[0].finished:
+        sched.step()
+        steps += 1
+    # one forward a step, the neighbour's row and the verification rows (1 + g + 1, g drafted: 0 to 3)
+    assert len(calls) == steps and any(shape[0] > 2 for shape in calls), calls
+    assert all(shape[1] == 1 and shape[0] >= 2 for shape in calls), calls
+    monkeypatch.undo()
+    assert group.requests[0].output_ids == loop.token_ids[0]
+    while sched.has_work():
+        sched.step()
+    assert plain[0].output_ids == alone and sched.cache.used_blocks() == 0
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_choice_scores_options_as_rows_a_chunk_per_step(engine, temperature):
     """guided_choice inside the scheduler: the options' log-probabilities are classify's, scored a few per

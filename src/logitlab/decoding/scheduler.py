@@ -251,7 +251,12 @@ class Scheduler:
         self._release_finished()
 
         running, groups = list(self.running), [g for g in self.groups if not g.done and g.kind == "beam"]
-        decoded = self._decode_logits(running, groups) if running or groups else None
+        # Speculative rounds: drafts proposed now; verification rides in the one decode forward below as
+        # one-token rows after the beams' where the model decodes in its native kernels, else its own forward.
+        spec = [g for g in self.groups if not g.done and g.kind == "speculative"]
+        verify = [(g, g.prepare(self)) for g in spec if g.flat(self)]
+        alone = [g for g in spec if not g.flat(self)]
+        decoded = self._decode_logits(running, groups, verify) if running or groups or verify else None
         logits = [decoded[: len(running)]] if running else []
         admitted, new_groups = self._admit()
         self.prefilling += _units(admitted)
@@ -259,8 +264,13 @@ class Scheduler:
         if admitted:
             logits.append(ready_logits)
             self._activate(admitted, len(running))
-        for g in [g for g in self.groups if not g.done and g.kind == "speculative"]:
-            events += g.round(self)  # draft, verify in one target forward, commit (streams tokens)
+        offset = len(running) + sum(g.live() for g in groups)
+        for g, (tokens, _, _) in verify:  # commit what each verification accepts (streams the tokens)
+            n = tokens.numel()
+            events += g.commit(self, decoded[offset: offset + n].view(*tokens.shape, -1))
+            offset += n
+        for g in alone:
+            events += g.round(self)  # draft, verify in a target forward of its own, commit
         for g in [g for g in self.groups if not g.done and g.kind == "choice"]:
             g.score_chunk(self)  # the next few options, as rows over the prompt's blocks
         if new_groups:
@@ -413,9 +423,11 @@ class Scheduler:
         ), broken
 
     # ---- model calls -------------------------------------------------------------------------
-    def _decode_logits(self, rows: list[Request], groups=()) -> torch.Tensor:
+    def _decode_logits(self, rows: list[Request], groups=(), verify=()) -> torch.Tensor:
         """One decode forward: a new token for every running request, then for every live beam of each
-        beam search (rows in that order)."""
+        beam search, then the verification rows of each speculative round (``verify``: (group, (tokens,
+        positions, valid) [W, g + 1])), each position a one-token row over its sequence's blocks; rows in
+        that order."""
         if not self.use_cache:
             return self._full_recompute_logits(rows)
         tokens = [r.output_ids[-1] for r in rows]
@@ -430,8 +442,17 @@ class Scheduler:
             tokens += g.last_tokens()
             positions += [p] * g.live()
             tables += g.tables
+        valid = None
+        if verify:
+            valid = [True] * len(tokens)
+            for g, (t, p, v) in verify:
+                tokens += t.flatten().tolist()
+                positions += p.flatten().tolist()
+                valid += v.flatten().tolist()
+                tables += [table for table in g.tables for _ in range(t.shape[1])]
+            valid = torch.tensor(valid).unsqueeze(1)
         return self._contrasted(rows, self.model, torch.tensor(tokens).unsqueeze(1),
-                                torch.tensor(positions).unsqueeze(1), self.cache,
+                                torch.tensor(positions).unsqueeze(1), self.cache, valid=valid,
                                 block_tables=PagedKVCache.table_tensor(tables))
 
     def _contrasted(self, rows: list[Request], fn, *args, **kwargs) -> torch.Tensor:

@@ -542,6 +542,7 @@ class SpecGroup:
         self.rnd = 0
         self.requests: list = []  # the scheduler's visible requests, one per row
         self.reserved = 0
+        self._pending = None  # (drafted, logq, counters) between prepare and commit
         self.done = self.aborted = False
         self._t0 = time.perf_counter()
 
@@ -556,7 +557,22 @@ class SpecGroup:
         self.draft.start(self.seqs, self.cache_len)
 
     def round(self, sched) -> list:
-        """One draft-and-verify round for every row; returns the scheduler's events of the committed tokens."""
+        """One draft-and-verify round in a target forward of its own (where verification cannot ride in the
+        scheduler's decode forward: see ``flat``); returns the scheduler's events of the committed tokens."""
+        tokens, positions, valid = self.prepare(sched)
+        logits = _verify(sched.model, sched.cache, tokens, positions, valid, sched.cache.table_tensor(self.tables))
+        return self.commit(sched, logits)
+
+    def flat(self, sched) -> bool:
+        """Whether this round's verification can ride in the scheduler's one decode forward, as ``W * (g + 1)``
+        one-token rows beside the plain and beam rows (see ``_verify``: the native kernels write every row's
+        keys and values before any row attends, so each drafted token sees the ones before it)."""
+        return sched.use_cache and _native_decode(sched.model, sched.cache)
+
+    def prepare(self, sched) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Propose this round's drafts and make their cache positions writable. Returns the verification
+        input: tokens, positions (clamped into the cache) and valid, each [W, g + 1]; ``commit`` takes the
+        target's logits at them."""
         cache, B, rows = sched.cache, self.W, self.rows
         lengths = torch.tensor([len(s) for s in self.seqs])
         g = max(1, min(self.gamma, int((self.cache_len - lengths).min()) - 1))  # room left in the caches
@@ -569,9 +585,15 @@ class SpecGroup:
             for p in pos:
                 if p < self.cache_len:
                     cache.ensure_writable(t, p)
-        valid = positions < self.cache_len
-        logits = _verify(sched.model, cache, tokens, positions.clamp(max=self.cache_len - 1), valid,
-                         cache.table_tensor(self.tables))  # [B, g + 1, V]
+        self._pending = (drafted, logq, counters)
+        return tokens, positions.clamp(max=self.cache_len - 1), positions < self.cache_len
+
+    def commit(self, sched, logits: torch.Tensor) -> list:
+        """Accept from the target's ``logits`` [W, g + 1, V] at the prepared positions, commit, and return the
+        scheduler's events of the committed tokens."""
+        cache, B, rows = sched.cache, self.W, self.rows
+        (drafted, logq, counters), self._pending = self._pending, None
+        g = drafted.shape[1]
         self.stats.target_forwards += 1
         n_acc, nxt = accept_round(logits, drafted, logq, rows, counters)
         raw = torch.log_softmax(logits.float(), dim=-1)
