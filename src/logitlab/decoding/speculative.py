@@ -386,53 +386,32 @@ def plain_generate(
     eos_token_ids=None,
     seeds: list[int] | None = None,
 ) -> SpeculativeOutput:
-    """The reference: one target forward per token, the same pipeline and draw (rows batched). Used for
-    the speed-up baseline and the exactness tests."""
+    """The baseline: the same rows decoded plainly, one target forward per token, by a scheduler of their
+    own (the path ``logitlab generate`` takes; not a second decode loop). Arguments as
+    ``speculative_generate``'s."""
     params = params or SamplingParams()
     model, tokenizer, prompt_ids, eos = resolve_model(target, prompt, eos_token_ids)
-    max_tokens = params.max_tokens if max_tokens is None else max_tokens
+    if max_tokens is not None and max_tokens != params.max_tokens:
+        from dataclasses import replace
+
+        params = replace(params, max_tokens=max_tokens)
     if seeds is None:
-        n = params.n if n is None else n
-        seeds = sample_seeds(params, n, seed)
-    B, P = len(seeds), len(prompt_ids)
+        seeds = sample_seeds(params, params.n if n is None else n, seed)
+    from .scheduler import Request, Scheduler
+
     ctx = model.config.context_length
-    cache_len = min(ctx, P + max_tokens)
-    stop_ids = stop_token_set(params, eos)
     t0 = time.perf_counter()
-    rows = PipelineRows(params, prompt_ids, model.config.vocab_size, eos, B, seeds=seeds)
-    cache = KVCache(model.config, B, cache_len, dtype=model.dtype)
-    stats = SpeculativeStats()
-    logits = model(torch.tensor([prompt_ids]), torch.arange(P).unsqueeze(0), cache, rows=slice(0, 1))
-    for b in range(1, B):
-        cache.copy_slot(0, b, P)
-    logits = logits.expand(B, -1)
-    stats.target_forwards = 1
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    reasons = ["length"] * B
-    while True:
-        lp = rows.logprobs(logits)
-        tok = _draw(lp, rows.uniforms(rows.num_generated.clone(), 0))
-        active = torch.tensor([not x for x in done])
-        rows.append(tok, active=active)
-        for b, t in enumerate(tok.tolist()):
-            if done[b]:
-                continue
-            out[b].append(t)
-            stats.generated += 1
-            if t in stop_ids:
-                done[b], reasons[b] = True, "stop"
-            elif len(out[b]) >= max_tokens or P + len(out[b]) >= ctx:
-                done[b] = True
-        if all(done):
-            break
-        pos = torch.tensor([P + len(o) - 1 for o in out]).view(B, 1)
-        logits = model(tok.view(B, 1), pos.clamp(max=cache_len - 1), cache, rows=slice(0, B))
-        stats.target_forwards += 1
-        stats.rounds += 1
+    sched = Scheduler.standalone(model, tokenizer, eos, len(seeds), ctx, min(ctx, len(prompt_ids) + params.max_tokens))
+    requests = [Request(list(prompt_ids), params, s, index=i) for i, s in enumerate(seeds)]
+    out, texts = sched.run_to_end(requests, tokenizer)
+    stats = SpeculativeStats(generated=sum(len(o) for o in out))
+    stats.target_forwards = max(len(o) for o in out)  # the prompt's forward gives the first token
+    stats.rounds = stats.target_forwards - 1
     stats.seconds = time.perf_counter() - t0
-    texts = [tokenizer.decode([t for t in o if t not in stop_ids]) for o in out] if tokenizer else None
-    return SpeculativeOutput(out, reasons, stats, texts)
+    if texts is not None:  # without stop ids (run_to_end strips end-of-sequence ids only)
+        stop_ids = stop_token_set(params, eos)
+        texts = [tokenizer.decode([t for t in o if t not in stop_ids]) for o in out]
+    return SpeculativeOutput(out, [r.finish_reason for r in requests], stats, texts)
 
 
 def benchmark_speculative(target, drafts=("ngram", "early-exit:8", "int8"), prompt="Once upon a time, there was a",
@@ -515,10 +494,11 @@ def _native_decode(model, cache) -> bool:
 
 class SpecGroup:
     """Speculative decoding inside the scheduler: the ``n`` samples of one prompt are rows that, once per
-    step, verify their drafts in one target forward over the paged KV cache (rows of their own block
-    tables), commit what the acceptance rule keeps, and stream it through the scheduler's one stop policy
-    (EOS, stop ids, stop strings, ``min_tokens``, ``max_tokens``). The rounds are the loop's above, to the
-    draw: same drafts, same counters, same acceptance (``accept_round``), so the tokens are the same."""
+    step, propose drafts (``prepare``), have them verified over the paged KV cache (rows of their own block
+    tables; in the scheduler's one decode forward where the model decodes natively, else a forward of the
+    round's own), commit what the acceptance rule (``accept_round``) keeps (``commit``), and stream it
+    through the scheduler's one stop policy (EOS, stop ids, stop strings, ``min_tokens``, ``max_tokens``).
+    ``speculative_generate`` runs one of these in a scheduler of its own."""
 
     kind = "speculative"
 

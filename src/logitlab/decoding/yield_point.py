@@ -1,11 +1,11 @@
-"""A cooperative yield point for the decoding loops that still run outside the scheduler.
+"""A cooperative yield point for model work that runs outside the scheduler on the server's runner thread.
 
-Speculative and contrastive decoding run as loops of their own. On the server they run on the one
-thread that also drives the scheduler, so a long one would freeze every other stream until it ended.
-Each of those loops calls ``yield_point()`` once per round; the server's runner installs a hook there
-that runs one scheduler step (admitting new requests, streaming their tokens) between two rounds. Other
-streams then wait at most one round of the driver between their tokens, not the driver's whole run.
-Outside the server no hook is installed and ``yield_point()`` does nothing.
+Every decoding mode is rows of the scheduler now. What still runs as a call of its own on the server's one
+runner thread is scoring: the summarization game's scorer and ``classify``'s continuation scoring. Each
+calls ``yield_point()`` between its batched forwards; the server's runner installs a hook there that runs
+one scheduler step (admitting new requests, streaming their tokens), so other streams wait at most one of
+those forwards between their tokens. Outside the server no hook is installed and ``yield_point()`` does
+nothing.
 """
 
 from __future__ import annotations

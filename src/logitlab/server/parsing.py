@@ -147,14 +147,6 @@ def contrastive_of(opts: DriverOptions | None):
     return int(opts.contrastive_amateur.split(":", 1)[1]), float(opts.contrastive_alpha), 1.0
 
 
-def driver_cost(opts: DriverOptions, params: SamplingParams, prompts: int) -> int:
-    """Rows of queue a driver run stands for: its samples, or the choices it scores (once, and once
-    more per sample when it samples)."""
-    if opts.choice:
-        return prompts * len(opts.choice) * (1 + (params.n if params.temperature > 0 else 0))
-    return prompts * params.n
-
-
 def _prompts(prompt) -> list:
     """The request's prompt as a list of prompts (each a string or a list of token ids)."""
     if isinstance(prompt, str):

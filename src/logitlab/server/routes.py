@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 
-from ..decoding.modes import DriverOptions, generate_with_driver
+from ..decoding.modes import DriverOptions
 from ..engine import GenerationResult
 from ..openai_format import completion_response
 from ..sampling import ParamError, SamplingParams
@@ -23,7 +23,7 @@ from .distribution import next_token_distribution
 from .errors import APIError, _driver_errors, error_response, queue_full
 from .guards import Limits
 from .metrics import Metrics
-from .parsing import _logit_bias, _prompts, contrastive_of, driver_cost, is_streamable
+from .parsing import _logit_bias, _prompts, contrastive_of, is_streamable
 from .responses import _chat_logprobs, _completion, _json, merged_extra, mode_extra
 from .runner import QueueFull, Runner
 from .sandbox import EngineSandbox
@@ -222,30 +222,12 @@ def register_routes(app: FastAPI, ctx: AppContext) -> None:
         return out
 
     async def run_drivers(prompts: list, params: SamplingParams, opts: DriverOptions, rf, t0: float,
-                          request: Request | None = None, spec=None):
-        """Every prompt through ``generate_with_driver`` on the runner thread: [(GenerationResult, extra)].
-        Beam search, speculative decoding and choice run in the scheduler instead (``run_beams``)."""
+                          request: Request, spec=None):
+        """Beam search, speculative decoding or choice (the options ``is_streamable`` rejects) for every
+        prompt, as modes of the scheduler (``run_beams``): [(GenerationResult, extra)]."""
         if not prompts:
             raise ParamError("prompt", "must not be empty")
-        ids = [encode(p) for p in prompts]
-        if (opts.beam_width is not None or opts.speculative or opts.choice) and request is not None:
-            return await run_beams(request, ids, params, opts, spec, rf, t0)  # modes of the scheduler
-
-        constraint = await compile_spec(spec, rf) if spec is not None else None
-
-        def work():
-            return [generate_with_driver(engine, i, params, opts, constraint) for i in ids]
-
-        try:
-            fut = runner.call(work, cost=driver_cost(opts, params, len(ids)))
-        except QueueFull as e:
-            raise queue_full(e) from None
-        with _driver_errors(rf):
-            out = await asyncio.wrap_future(fut)
-        metrics.record_ttft(time.perf_counter() - t0)
-        metrics.record_tokens(prompt=sum(len(i) for i in ids),
-                              generated=sum(len(c.token_ids) for r, _ in out for c in r.choices))
-        return out
+        return await run_beams(request, [encode(p) for p in prompts], params, opts, spec, rf, t0)
 
     # ---- OpenAI / vLLM conformance (conformance.py): prompt_logprobs, driver logprobs, usage chunks ----
     async def prompt_lps(k: int | None, ids_list: list) -> list | None:

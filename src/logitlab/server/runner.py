@@ -8,9 +8,9 @@ one background thread owns both. Everything else talks to it through thread-safe
   that made it (the asyncio side wraps ``loop.call_soon_threadsafe``).
 - ``abort(requests)``: cancel (client went away); the scheduler frees the slots at its next step.
 - ``call(fn)``: run ``fn()`` on the runner thread between two steps (model use outside the scheduler,
-  e.g. the playground's distribution), returning a ``concurrent.futures.Future``. A decoding loop that
-  runs there (speculative, contrastive) steps the scheduler once per round (``yield_point``), so it
-  never freezes the other streams.
+  e.g. the playground's distribution, scoring), returning a ``concurrent.futures.Future``. Scoring work
+  that runs there steps the scheduler between its forwards (``yield_point``), so it never freezes the
+  other streams.
 
 Queue accounting counts rows of work, not HTTP requests: a request's ``n`` samples count n, a beam search
 of width W counts W (whatever its ``n``), and a ``call`` its ``cost`` (e.g. a guided_choice's options)
@@ -159,8 +159,8 @@ class Runner:
             for fn, fut, cost in calls:
                 if fut.set_running_or_notify_cancel():
                     try:
-                        # a driver loop (speculative, contrastive) steps the scheduler between its rounds,
-                        # so the other streams keep flowing while it runs (decoding/yield_point.py)
+                        # work that steps the engine's scheduler itself (a mode run to its end) or yields
+                        # between its forwards (scoring) keeps the other streams flowing (yield_point.py)
                         with installed(self._tick):
                             result = fn()
                         fut.set_result(result)
