@@ -167,3 +167,41 @@ def test_float32_linear_layers_use_the_native_kernel_for_decode_rows(monkeypatch
     lin = m.model.layers[0].mlp.down_proj
     x = torch.randn(3, lin.in_features)
     assert (lin(x) - torch.nn.functional.linear(x, lin.weight)).abs().max() < 1e-5 and calls == [3]
+
+
+def _stable_topk(x, k, largest=True):
+    """The reference order: values sorted (stable, so tied values keep id order), the first k."""
+    v, i = torch.sort(x, dim=-1, descending=largest, stable=True)
+    return v[:, :k], i[:, :k]
+
+
+@pytest.mark.parametrize("V,k", [(49152, 1), (49152, 257), (49152, 1024), (1000, 1000), (17, 5), (300, 16)])
+def test_topk_rows_equals_a_stable_sort_prefix(V, k):
+    """The sampler's native top-k: the k largest values in order and, among equal values, the lowest ids,
+    on continuous rows, tie-heavy rows (a few integer values) and rows with -inf entries (fewer finite
+    entries than k included), the SIMD body and the scalar tail both (V not a multiple of 16)."""
+    g = torch.Generator().manual_seed(V + k)
+    smooth = torch.randn(3, V, generator=g) * 3
+    ties = torch.randint(0, 5, (3, V), generator=g).float()
+    masked = smooth.clone()
+    masked[0, :] = float("-inf")
+    masked[0, [3, V - 1]] = 1.0
+    masked[1, torch.rand(V, generator=g) < 0.9] = float("-inf")
+    for x in (smooth, ties, masked):
+        v, i = native.topk_rows(x, k)
+        rv, ri = _stable_topk(x, k)
+        assert torch.equal(v, rv) and torch.equal(i, ri)
+
+
+def test_sampling_topk_smallest_and_the_torch_fallback():
+    from logitlab.sampling import processors as P
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 7, (4, 3000), generator=g).float()
+    v, i = P.topk(x, 300, largest=False)
+    rv, ri = _stable_topk(x, 300, largest=False)
+    assert torch.equal(v, rv) and torch.equal(i, ri)
+    big = P.topk(x, P.NATIVE_TOPK_MAX + 1)[0]  # above the native bound: torch's topk, the same values
+    assert torch.equal(big, x.topk(P.NATIVE_TOPK_MAX + 1, -1).values)
+    with pytest.raises(ValueError):
+        native.topk_rows(x, 0)

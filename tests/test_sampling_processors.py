@@ -702,3 +702,47 @@ def test_uniforms_match_a_scalar_splitmix64():
     for stream in (0, 1, 13):
         got = uniforms(torch.tensor(seeds), torch.tensor(counters), stream=stream).tolist()
         assert got == [ref(s, c, stream) for s, c in zip(seeds, counters, strict=True)]
+
+
+@pytest.mark.parametrize("vocab", [257, 1000, 49152, 50001])
+def test_first_argmax_is_torch_argmax_first_index_on_ties(vocab):
+    """The two-level argmax the greedy path uses: the first index of each row's maximum, like torch's argmax,
+    on tie-heavy rows (a few integer values), continuous rows, rows whose maximum sits in the padded last
+    block, and rows without a finite logit."""
+    from logitlab.sampling.sampler import first_argmax
+
+    g = torch.Generator().manual_seed(vocab)
+    ties = torch.randint(0, 4, (6, vocab), generator=g).float()
+    smooth = torch.randn(6, vocab, generator=g)
+    tail = torch.randn(2, vocab, generator=g)
+    tail[:, -1] = 10.0  # in the last, padded block
+    empty = torch.full((1, vocab), float("-inf"))
+    for x in (ties, smooth, tail):
+        assert torch.equal(first_argmax(x), x.argmax(-1))
+    assert first_argmax(empty).tolist() == [0]
+
+
+def test_greedy_batch_over_a_large_vocabulary_keeps_raw_logprobs_and_alternatives():
+    """An all-greedy batch takes the one-column path: the lowest id among tied maxima, processed logprob 0,
+    raw logprob and top alternatives those of log_softmax of the logits (penalties applied before)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5000, generator=g) * 2
+    x[0, [70, 4000]] = 9.0  # a tie: 70 wins
+    x[1, 4999] = 9.0
+    counts = torch.zeros(3, 5000, dtype=torch.int32)
+    counts[2, x[2].argmax()] = 1
+    b = batch_of(SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0, logprobs=3),
+                 SamplingParams(temperature=0, logprobs=3, presence_penalty=50.0), vocab=5000)
+    out = sample(x, b, num_logprobs=3, output_counts=counts)
+    second = x[2].clone()
+    second[x[2].argmax()] -= 50.0
+    assert out.tokens.tolist() == [70, 4999, int(second.argmax())]
+    assert out.processed_logprobs.tolist() == [0.0, 0.0, 0.0]
+    ref = torch.log_softmax(x.double(), -1)
+    torch.testing.assert_close(out.raw_logprobs.double(), ref.gather(-1, out.tokens.unsqueeze(-1)).squeeze(-1),
+                               rtol=0, atol=1e-5)
+    top_v, top_i = ref.topk(3, -1)
+    assert out.top_ids[1].tolist() == top_i[1].tolist()
+    torch.testing.assert_close(out.top_logprobs.double(), top_v, rtol=0, atol=1e-5)
+    lp = process(x, b, output_counts=counts)
+    assert lp.exp().sum(-1).tolist() == [1.0, 1.0, 1.0] and lp[0, 70] == 0 and lp[2, out.tokens[2]] == 0

@@ -231,3 +231,28 @@ def test_uniforms_are_independent_across_counters_seeds_and_streams():
         assert _pairs_pvalue(a, b) > ACCEPT
         assert abs(np.corrcoef(a, b)[0, 1]) < 0.01
     assert _pairs_pvalue(base, np.clip(base + 0.02 * next_seed, 0, 0.999999)) < REJECT  # power
+
+
+def test_uniforms_small_batches_hash_the_same_numbers_as_the_tensor_path():
+    """Up to SMALL_BATCH rows the hash runs on Python integers; both paths give the SplitMix64 numbers the
+    module's docstring defines (written out here from it), bit for bit, negative seeds included."""
+    from logitlab.sampling import rng
+
+    m64 = (1 << 64) - 1
+
+    def mix(z):
+        z &= m64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+        return z ^ (z >> 31)
+
+    g = torch.Generator().manual_seed(5)
+    seeds = torch.randint(-2**63, 2**63 - 1, (20,), generator=g, dtype=torch.long)
+    counters = torch.randint(0, 2**40, (20,), generator=g, dtype=torch.long)
+    for stream in (0, 3):
+        ref = [(mix(mix(s + 0x9E3779B97F4A7C15 * (stream + 1)) + c * 0x9E3779B97F4A7C15) >> 11) / 2.0**53
+               for s, c in zip(seeds.tolist(), counters.tolist(), strict=True)]
+        assert 20 > rng.SMALL_BATCH
+        assert uniforms(seeds, counters, stream).tolist() == ref  # the tensor path
+        small = [uniforms(seeds[i: i + 2], counters[i: i + 2], stream) for i in range(0, 20, 2)]
+        assert torch.cat(small).tolist() == ref

@@ -10,6 +10,8 @@
 - ``f32_matmul``: the same streaming product for float32 weights (the default dtype).
 - ``rms_norm``, ``silu_mul``, ``rope_store``: the small ops of a decode layer, each a handful of
   PyTorch ops (and their per-call overhead) in one pass.
+- ``topk_rows``: the sampler's top-k over a row of logits (torch's CPU topk costs ~120 us a row
+  whatever k is, a good part of a 4 ms decode step).
 
 Two more sources are compiled into the same library: ``qblocks.c`` (matmuls on GGUF quantized blocks,
 ``--dtype gguf``; bound in qblocks.py) and ``step.c`` (a whole decode step in one call; decode_step.py).
@@ -108,6 +110,8 @@ def _library():
     lib.attend_paged.restype = None
     lib.rope_store_paged.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i64, p, p]
     lib.rope_store_paged.restype = None
+    lib.topk_rows.argtypes = [p, i64, i64, i64, p, p]
+    lib.topk_rows.restype = None
     return lib
 
 
@@ -269,3 +273,14 @@ def rope_store(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, signed_sin:
     _library().rope_store(qkv.data_ptr(), B, num_heads, K, D, cos.data_ptr(), signed_sin.data_ptr(), q.data_ptr(),
                           k_cache.data_ptr(), v_cache.data_ptr(), slot0, max_pos, positions.data_ptr())
     return q
+
+
+def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of each row of ``x [B, V]`` (float32, contiguous, no NaN), as
+    ``x.topk(k, -1)`` returns them (values descending), ties to the lowest id: (values [B, k], ids [B, k])."""
+    if x.dim() != 2 or not _f32(x) or not 0 < k <= x.shape[1]:
+        raise ValueError(f"topk_rows takes contiguous float32 [B, V] and 0 < k <= V, got {tuple(x.shape)}, k={k}")
+    B, V = x.shape
+    vals, ids = torch.empty(B, k, device=x.device), torch.empty(B, k, dtype=torch.int64, device=x.device)
+    _library().topk_rows(x.data_ptr(), B, V, k, vals.data_ptr(), ids.data_ptr())
+    return vals, ids

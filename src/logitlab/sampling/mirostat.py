@@ -48,7 +48,7 @@ def mirostat_v1_k(logits: torch.Tensor, mu: torch.Tensor, vocab_size: int) -> to
     """v1's k per row ([B] long, in [1, V]). b_i = log(p_(i) / p_(i+1)) is a difference of sorted logits;
     pairs involving a removed token (p = 0) are left out (llama.cpp would get s = inf and k = 1 from them)."""
     m = min(M_V1, logits.shape[-1])
-    top = logits.topk(m, dim=-1).values.double()  # [B, m] descending
+    top = P.topk(logits, m)[0].double()  # [B, m] descending
     i = torch.arange(m - 1, device=logits.device, dtype=torch.float64)
     t = torch.log((i + 2) / (i + 1))
     ok = torch.isfinite(top[:, 1:])
