@@ -334,3 +334,84 @@ def test_fallbacks_without_the_native_library():
     w_ref = torch.from_numpy(gguf_weights(raw, "Q4_K"))
     check_matmul(y, x_tilde(x), w_ref.double(), qm)
     assert torch.equal(rows, w_ref[[4, 1]]) and torch.equal(bf, w_ref.to(torch.bfloat16))
+
+
+# ---- the tiled copy (AVX-512 VNNI builds): 16 output rows to a vector ----------------------------------
+
+
+def _tiled(kind: str, out: int, n_in: int, seed: int):
+    raw = random_blocks(kind, out, n_in, seed)
+    qm = qblocks.repack(raw, kind, out, n_in)
+    if not qm.tile():
+        pytest.skip("this build has no tiled kernel (it needs AVX-512 VNNI)")
+    return raw, qm
+
+
+@pytest.fixture
+def every_row_count_tiled():
+    lib = qblocks._native()
+    if lib is None:
+        pytest.skip("no native library")
+    lib.qb_set_tile_rows(1)
+    yield lib
+    lib.qb_set_tile_rows(1)
+
+
+def test_tile_layout_is_four_codes_of_sixteen_rows_a_vector():
+    """tile_codes[((t * units + u) * 8 + k) * 64 + 4 j + b] = codes[16 t + j][32 u + 4 k + b]; scales as
+    float32 [out / 16][groups][16]."""
+    for kind, out, n_in in (("Q4_1", 32, 128), ("Q8_0", 48, 96)):
+        _, qm = _tiled(kind, out, n_in, seed=1)
+        codes, d, m = qm.tiles
+        units = qm.codes.shape[1] // 32
+        want = qm.codes.view(out // 16, 16, units, 8, 4).permute(0, 2, 3, 1, 4).reshape(-1)
+        assert torch.equal(codes, want)
+        ng = n_in // 32
+        assert torch.equal(d, qm.d.float().view(out // 16, 16, ng).transpose(1, 2).reshape(-1))
+        assert torch.equal(m, qm.m.float().view(out // 16, 16, ng).transpose(1, 2).reshape(-1))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
+def test_tiled_kernel_equals_float64_product(kind, every_row_count_tiled, one_thread):
+    """Every R from 1 to 16 and in passes of 16 (21, 32), several tiles and units, against the float64
+    product of gguf's dequantization; the same values as the row kernel to float32 rounding."""
+    for out, n_in in ((16, 256), (48, 576), (64, 1536)) if kind != "Q4_K" else ((16, 256), (48, 768)):
+        raw, qm = _tiled(kind, out, n_in, seed=out + n_in)
+        w_ref = torch.from_numpy(gguf_weights(raw, kind)).double()
+        x = activations(32, n_in, out)
+        xt = x_tilde(x)
+        ref = reference(xt, w_ref, qm)
+        rows_only = qblocks.QMatrix(qm.codes, qm.d, qm.m, qm.bits, qm.group, out, n_in)  # no tiles
+        for R in (*range(1, 17), 21, 32):
+            y = qblocks.matmul(x[:R], qm)
+            check_matmul(y, xt[:R], w_ref, qm, ref)
+            y_rows = qblocks.matmul(x[:R], rows_only)
+            assert torch.allclose(y, y_rows, rtol=1e-5, atol=1e-5 * float(y_rows.abs().max()))
+
+
+def test_tiled_kernel_accumulates_into_strided_output_and_threads_split_tiles(every_row_count_tiled):
+    raw, qm = _tiled("Q4_1", 64, 128, seed=5)
+    w_ref = torch.from_numpy(gguf_weights(raw, "Q4_1")).double()
+    for R in (1, 16, 21):
+        x = activations(R, 128, R)
+        y = torch.full((R, 80), 0.5)
+        qblocks.matmul_rows(x, qm, y, accumulate=False)
+        assert (y[:, 64:] == 0.5).all()
+        check_matmul(y[:, :64], x_tilde(x), w_ref, qm)
+        before = y[:, :64].clone()
+        qblocks.matmul_rows(x, qm, y, accumulate=True)
+        assert torch.allclose(y[:, :64], 2 * before, rtol=1e-6, atol=0)
+        check_matmul(qblocks.matmul(x, qm), x_tilde(x), w_ref, qm)  # two threads: every tile written
+
+
+def test_shapes_without_a_tiled_kernel_keep_the_row_kernel():
+    """Output rows not a multiple of 16, 4-bit rows ending in half a chunk, groups of 16: no tiles, and the
+    matrix computes as before."""
+    if qblocks._native() is None or not qblocks.repack(random_blocks("Q8_0", 16, 64, 0), "Q8_0", 16, 64).tile():
+        pytest.skip("this build has no tiled kernel")
+    for kind, out, n_in in (("Q4_1", 17, 128), ("Q4_1", 16, 96), ("Q6_K", 16, 256)):
+        raw = random_blocks(kind, out, n_in, seed=2)
+        qm = qblocks.repack(raw, kind, out, n_in)
+        assert not qm.tile() and qm.tiles is None
+        x = activations(5, n_in, 1)
+        check_matmul(qblocks.matmul(x, qm), x_tilde(x), torch.from_numpy(gguf_weights(raw, kind)).double(), qm)

@@ -70,7 +70,7 @@ def _weight(module: nn.Module, keep: list) -> StWeight:
         w.kind, w.nparts, w.out, w.in_ = ST_BLOCKS, len(module.parts), module.out_features, module.in_features
         for i, qm in enumerate(module.parts):
             w.parts[i] = qm.struct()
-            keep += [qm.codes, qm.d, qm.m]
+            keep += [qm.codes, qm.d, qm.m, *(qm.tiles or ())]
     elif isinstance(module, Int8Linear):
         if module.bias is not None:
             raise _Unsupported

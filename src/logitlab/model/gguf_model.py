@@ -8,11 +8,12 @@ Q4_1 where int8 reads 135 MB and float32 538 MB. Only the activations are rounde
 
 - ``BlockLinear``: one linear layer as block matrices stacked along the output (q|k|v and gate|up are
   stacked as in the float model; where a file gives them different types, e.g. Q4_K_M's Q6_K value
-  projection, they stay separate parts). Up to ``qblocks.MAX_ROWS`` rows (decode, speculative
-  verification) run in the native block kernel, which streams each weight once. More rows (prefill,
-  large batches) are a GEMM: a bfloat16 copy of the dequantized weights is made on first use, in
-  oneDNN's blocked layout, as int8 mode keeps one from the start (so a server that only decodes never
-  holds it).
+  projection, they stay separate parts). Where the AVX-512 VNNI kernel is built, each matrix also gets
+  its tiled copy at load (``QMatrix.tile``: 16 output rows to a vector) and every row count runs on the
+  blocks: decode, verification, large batches and prefill (twice the bfloat16 GEMM's prefill rate on
+  the 2026-11 machine, BENCHMARKS.md). Elsewhere up to ``qblocks.MAX_ROWS`` rows run in the block kernel
+  and more are a GEMM over a bfloat16 copy of the dequantized weights, made on first use in oneDNN's
+  blocked layout (so a server that only decodes never holds it).
 - ``BlockEmbedding``: the token table; a lookup dequantizes only the rows it needs.
 
 The repacked tensors are cached next to the other built models (``store.py``), so later loads memory-map
@@ -39,10 +40,13 @@ class BlockLinear(nn.Module):
         self.in_features = parts[0].in_features
         self.out_features = sum(qm.out_features for qm in parts)
         self._gemm = None  # the bfloat16 copy (packed for oneDNN where it can), made on first use
+        for qm in parts:  # where the AVX-512 VNNI kernel is built: every row count runs on the blocks
+            qm.tile()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float()
-        if x2.shape[0] <= qblocks.MAX_ROWS and native.available():
+        tiled = all(qm.tiles is not None for qm in self.parts)
+        if (tiled or x2.shape[0] <= qblocks.MAX_ROWS) and native.available():
             ys = [qblocks.matmul(x2, qm) for qm in self.parts]
             y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
         else:

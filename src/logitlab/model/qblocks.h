@@ -10,6 +10,10 @@ typedef struct {
     const uint8_t *codes;
     const void *d;
     const void *m;
+    /* optional (NULL: absent), made by qb_tile: the same weights 16 output rows to a vector (qblocks.c) */
+    const uint8_t *tile_codes;
+    const float *tile_d;
+    const float *tile_m;
 } qb_mat;
 
 void qb_quantize(const float *x, int64_t R, int64_t in, int8_t *xq, float *xd, float *xs);
@@ -18,4 +22,7 @@ void qb_matmul_rows(const qb_mat *w, const int8_t *xq, const float *xd, const fl
 void qb_matmul(const qb_mat *w, const float *x, int64_t R, float *y);
 void qb_dequant_rows(const qb_mat *w, const int64_t *ids, int64_t n, float *out);
 void qb_dequant_bf16(const qb_mat *w, uint16_t *out);
+int qb_tile_ok(const qb_mat *w);
+void qb_tile(const qb_mat *w, uint8_t *codes, float *d, float *m);
+void qb_set_tile_rows(int64_t rows);
 #endif

@@ -50,9 +50,10 @@ import torch
 
 from . import native
 
-# Rows one pass of the kernel serves (more take a pass per 16). Measured against oneDNN's bfloat16 GEMM over a
-# dequantized copy (AVX512_BF16, no AMX), one thread: the kernel is faster through 16 rows (1.4-2x at 1-4,
-# ~1.1x at 16) and about even at 24-32, so callers may route up to this many rows to it.
+# Rows one pass of the row kernel serves (more take a pass per 16). Measured against oneDNN's bfloat16 GEMM over
+# a dequantized copy (AVX512_BF16, no AMX), one thread: the kernel is faster through 16 rows (1.4-2x at 1-4,
+# ~1.1x at 16) and about even at 24-32, so callers may route up to this many rows to it. A matrix with a tiled
+# copy (``QMatrix.tile``) takes any number of rows: 2x the GEMM's prefill rate.
 MAX_ROWS = 16
 KERNELS = ((4, 32), (8, 32), (8, 16))  # (bits, group) the C kernels implement
 
@@ -66,11 +67,15 @@ class QbMat(ctypes.Structure):
 
     _fields_ = [("out", ctypes.c_int64), ("in_", ctypes.c_int64), ("bits", ctypes.c_int32),
                 ("group", ctypes.c_int32), ("scale_f32", ctypes.c_int32), ("pad", ctypes.c_int32),
-                ("codes", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p)]
+                ("codes", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p),
+                ("tile_codes", ctypes.c_void_p), ("tile_d", ctypes.c_void_p), ("tile_m", ctypes.c_void_p)]
 
 
 class QMatrix:
     """W [out_features, in_features] as ``d * code + m`` per group (see the module docstring)."""
+
+    tiles = None  # (codes, d, m) of the tiled copy (``tile``); also for a QMatrix unpickled from a cache
+    _tiled_from = None  # the (codes, d, m) pointers the tiles were made from
 
     def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int, group: int,
                  out_features: int, in_features: int):
@@ -86,19 +91,41 @@ class QMatrix:
         self.codes, self.d, self.m = codes.contiguous(), d.contiguous(), m.contiguous()
         self.bits, self.group = bits, group
         self.out_features, self.in_features = out_features, in_features
+        self.tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # see ``tile``
         self._struct: tuple | None = None
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.d, self.m))
 
+    def tile(self, lib=None) -> bool:
+        """Make the tiled copy the AVX-512 VNNI kernel computes on (qblocks.c, "tiles": the same codes, 16
+        output rows to a vector, the scales as float32), where this build and shape take one; ``BlockLinear``
+        makes it at load. It costs the codes' size again plus 8 bytes per group (~130 MB for SmolLM2-135M
+        Q4_1) and buys every row count the tiled kernel: 1.1x at one row, 1.8x at 32, 2x the bfloat16 GEMM's
+        prefill. Returns whether the matrix has it."""
+        lib = _bind(lib) if lib is not None else _native()
+        source = (self.codes.data_ptr(), self.d.data_ptr(), self.m.data_ptr())
+        if self.tiles is not None and self._tiled_from != source:  # the weights were replaced: tile again
+            self.tiles = None
+        if self.tiles is None and lib is not None and self.out_features and lib.qb_tile_ok(ctypes.byref(self.struct())):
+            ng = self.in_features // 32
+            codes = torch.empty(self.codes.numel(), dtype=torch.uint8)
+            d, m = torch.empty(self.out_features * ng), torch.empty(self.out_features * ng)
+            lib.qb_tile(ctypes.byref(self.struct()), codes.data_ptr(), d.data_ptr(), m.data_ptr())
+            self.tiles, self._tiled_from = (codes, d, m), source
+        return self.tiles is not None
+
     def struct(self) -> QbMat:
         """The C view (``qb_mat``); rebuilt if a tensor was replaced. The tensors must outlive it: they
         do while this QMatrix keeps them."""
-        key = (self.codes.data_ptr(), self.d.data_ptr(), self.m.data_ptr(), self.out_features)
+        current = self.tiles is not None and self._tiled_from == (self.codes.data_ptr(), self.d.data_ptr(),
+                                                                    self.m.data_ptr())
+        tiles = tuple(t.data_ptr() for t in self.tiles) if current else (None, None, None)
+        key = (self.codes.data_ptr(), self.d.data_ptr(), self.m.data_ptr(), self.out_features, *tiles)
         if self._struct is None or self._struct[0] != key:
             s = QbMat(self.out_features, self.in_features, self.bits, self.group, int(self.d.dtype == torch.float32),
-                      0, *key[:3])
+                      0, *key[:3], *tiles)
             self._struct = (key, s)
         return self._struct[1]
 
@@ -109,6 +136,7 @@ class QMatrix:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_struct"] = None  # raw pointers: rebuilt on use
+        state["tiles"] = state["_tiled_from"] = None  # derived, made again where wanted
         return state
 
 
@@ -273,7 +301,12 @@ def _bind(lib):
     lib.qb_matmul.argtypes = [mat, p, i64, p]
     lib.qb_dequant_rows.argtypes = [mat, p, i64, p]
     lib.qb_dequant_bf16.argtypes = [mat, p]
-    for f in (lib.qb_quantize, lib.qb_matmul_rows, lib.qb_matmul, lib.qb_dequant_rows, lib.qb_dequant_bf16):
+    lib.qb_tile.argtypes = [mat, p, p, p]
+    lib.qb_tile_ok.argtypes = [mat]
+    lib.qb_tile_ok.restype = ctypes.c_int
+    lib.qb_set_tile_rows.argtypes = [i64]
+    for f in (lib.qb_quantize, lib.qb_matmul_rows, lib.qb_matmul, lib.qb_dequant_rows, lib.qb_dequant_bf16,
+              lib.qb_tile, lib.qb_set_tile_rows):
         f.restype = None
     return lib
 
