@@ -110,11 +110,11 @@ def test_fused_decode_step_equals_per_op_path_on_the_real_model(gguf_engine):
 
 
 def test_tiled_blocks_serve_prefill_without_a_gemm_copy(gguf_engine):
-    """Where the tiled AVX-512 kernel is built every block matrix gets its tiled copy at load, and a long
+    """Where the tiled AVX-512 kernel is built every block matrix gets its tiled copy, and a long
     prefill runs on the blocks: no bfloat16 GEMM copy is made (the teacher-forced test above checks the
     prefill's logits against float32)."""
     blocks = [m for m in gguf_engine.model.modules() if isinstance(m, BlockLinear)]
-    if not all(qm.tiles is not None for m in blocks for qm in m.parts):
+    if not all(m.tile() for m in blocks):
         pytest.skip("this build has no tiled kernel (it needs AVX-512 VNNI)")
     ids = gguf_engine.encode_prompt(" ".join(PROMPTS))
     assert len(ids) > 40

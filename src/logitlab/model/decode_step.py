@@ -68,6 +68,7 @@ def _weight(module: nn.Module, keep: list) -> StWeight:
         if len(module.parts) > 4:
             raise _Unsupported
         w.kind, w.nparts, w.out, w.in_ = ST_BLOCKS, len(module.parts), module.out_features, module.in_features
+        module.tile()  # the tiled copies first, so that the bound structs point at them
         for i, qm in enumerate(module.parts):
             w.parts[i] = qm.struct()
             keep += [qm.codes, qm.d, qm.m, *(qm.tiles or ())]

@@ -9,7 +9,7 @@ Q4_1 where int8 reads 135 MB and float32 538 MB. Only the activations are rounde
 - ``BlockLinear``: one linear layer as block matrices stacked along the output (q|k|v and gate|up are
   stacked as in the float model; where a file gives them different types, e.g. Q4_K_M's Q6_K value
   projection, they stay separate parts). Where the AVX-512 VNNI kernel is built, each matrix also gets
-  its tiled copy at load (``QMatrix.tile``: 16 output rows to a vector) and every row count runs on the
+  its tiled copy on first use (``QMatrix.tile``: 16 output rows to a vector) and every row count runs on the
   blocks: decode, verification, large batches and prefill (twice the bfloat16 GEMM's prefill rate on
   the 2026-11 machine, BENCHMARKS.md). Elsewhere up to ``qblocks.MAX_ROWS`` rows run in the block kernel
   and more are a GEMM over a bfloat16 copy of the dequantized weights, made on first use in oneDNN's
@@ -40,13 +40,20 @@ class BlockLinear(nn.Module):
         self.in_features = parts[0].in_features
         self.out_features = sum(qm.out_features for qm in parts)
         self._gemm = None  # the bfloat16 copy (packed for oneDNN where it can), made on first use
-        for qm in parts:  # where the AVX-512 VNNI kernel is built: every row count runs on the blocks
-            qm.tile()
+        self._tiled = False  # tiled copies made (``tile``): on first use, so loading builds no native code
+
+    def tile(self) -> bool:
+        """Give every part its tiled copy where the AVX-512 VNNI kernel is built (then every row count runs
+        on the blocks); done once, on the first forward or fused-step binding. Returns whether all have one."""
+        if not self._tiled:
+            self._tiled = True
+            for qm in self.parts:
+                qm.tile()
+        return all(qm.tiles is not None for qm in self.parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float()
-        tiled = all(qm.tiles is not None for qm in self.parts)
-        if (tiled or x2.shape[0] <= qblocks.MAX_ROWS) and native.available():
+        if native.available() and (self.tile() or x2.shape[0] <= qblocks.MAX_ROWS):
             ys = [qblocks.matmul(x2, qm) for qm in self.parts]
             y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
         else:

@@ -101,7 +101,7 @@ class QMatrix:
     def tile(self, lib=None) -> bool:
         """Make the tiled copy the AVX-512 VNNI kernel computes on (qblocks.c, "tiles": the same codes, 16
         output rows to a vector, the scales as float32), where this build and shape take one; ``BlockLinear``
-        makes it at load. It costs the codes' size again plus 8 bytes per group (~130 MB for SmolLM2-135M
+        makes it on first use. It costs the codes' size again plus 8 bytes per group (~130 MB for SmolLM2-135M
         Q4_1) and buys every row count the tiled kernel: 1.1x at one row, 1.8x at 32, 2x the bfloat16 GEMM's
         prefill. Returns whether the matrix has it."""
         lib = _bind(lib) if lib is not None else _native()
