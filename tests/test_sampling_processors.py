@@ -257,6 +257,28 @@ def test_top_p_and_typical_bounded_topk_equals_the_full_sort(scale, monkeypatch)
             assert kept(fast_t[i:i + 1])[0] == np_kept(ref_typical(x[i].tolist(), mass))
 
 
+def test_top_p_rows_take_their_own_prefix_guess(monkeypatch):
+    """Peaked, spread and flat rows in one batch: each row's kept set is the full sort's (the flat row's mass
+    is beyond every bounded prefix, the spread one's beyond the first), as when the row is alone."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 6000, generator=g) * torch.tensor([[4.0], [0.6], [0.01]])
+    m = torch.tensor([0.9, 0.995, 0.9], dtype=torch.float64)
+    calls = []
+    topk = P.topk
+
+    def counted(key, k, largest=True):
+        calls.append((key.shape[0], k))
+        return topk(key, k, largest)
+
+    monkeypatch.setattr(P, "topk", counted)
+    fast_p, fast_t = P.top_p(x, m), P.typical(x, m)
+    assert (3, 256) in calls and (1, 256) not in calls and any(rows < 3 for rows, k in calls if k > 256)
+    monkeypatch.setattr(P, "PREFIX_GUESSES", ())
+    assert kept(fast_p) == kept(P.top_p(x, m)) and kept(fast_t) == kept(P.typical(x, m))
+    for i in range(3):
+        assert kept(fast_p[i:i + 1])[0] == np_kept(ref_top_p(x[i].tolist(), float(m[i])))
+
+
 # ---- min-p, typical, epsilon, eta ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("m, expected", [(0.0, [0, 1, 2, 3]), (0.2, [0, 1, 3]), (0.5, [1, 3]), (1.0, [1])])

@@ -69,26 +69,35 @@ def _truncate(logits: torch.Tensor, active: torch.Tensor, keep_fn, *params: torc
     return logits.masked_fill(remove, NEG_INF)
 
 
-def _crossing_key(key: torch.Tensor, probs: torch.Tensor, mass: torch.Tensor, largest: bool) -> torch.Tensor:
+def _crossing_key(key: torch.Tensor, probs: torch.Tensor, mass: torch.Tensor, largest: bool,
+                  guesses: tuple[int, ...] | None = None) -> torch.Tensor:
     """Order each row's tokens by ``key`` (decreasing if ``largest``) and accumulate their ``probs``: the
     key of the token at which the cumulative mass first reaches ``mass`` ([b, 1]). Mass is summed in
-    float64. Uses topk(K) for K in PREFIX_GUESSES when the first K tokens already hold the mass (then the
-    result is exactly the full sort's), else a full sort."""
+    float64. Uses topk(K) for K in ``guesses`` when a row's first K tokens already hold the mass (then the
+    result is exactly the full sort's), else a full sort; each row takes the first guess that holds its
+    mass, so one flat row does not send the whole batch to the larger ones."""
     target = _col(mass.double())
-    sk = cum = None
-    for k in PREFIX_GUESSES:
-        if k >= key.shape[-1]:
-            break
-        top, idx = topk(key, k, largest=largest)
-        prefix = probs.gather(-1, idx).double().cumsum(-1)
-        if bool((prefix[:, -1:] >= target).all()):
-            sk, cum = top, prefix
-            break
-    if sk is None:
+    guesses = PREFIX_GUESSES if guesses is None else guesses
+    k = next((k for k in guesses if k < key.shape[-1]), None)
+    if k is None:
         sk, idx = key.sort(dim=-1, descending=largest)
         cum = probs.gather(-1, idx).double().cumsum(-1)
+    else:
+        sk, idx = topk(key, k, largest=largest)
+        cum = probs.gather(-1, idx).double().cumsum(-1)
+        held = (cum[:, -1:] >= target).squeeze(-1)
+        if not bool(held.all()):  # the rows whose mass is spread further: the next guess, on them alone
+            rest = (~held).nonzero().squeeze(-1)
+            out = _crossing_at(sk, cum, target)
+            out[rest] = _crossing_key(key[rest], probs[rest], mass[rest], largest, guesses[guesses.index(k) + 1:])
+            return out
+    return _crossing_at(sk, cum, target)
+
+
+def _crossing_at(sk: torch.Tensor, cum: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The key at the first position whose cumulative mass reaches ``target`` (rows whose prefix holds it)."""
     before = torch.nn.functional.pad(cum[:, :-1], (1, 0))  # mass strictly before each position
-    c = (before < target).sum(-1, keepdim=True) - 1  # crossing position (0-based), >= 0 since mass > 0
+    c = ((before < target).sum(-1, keepdim=True) - 1).clamp(max=cum.shape[-1] - 1)  # crossing position (0-based)
     return sk.gather(-1, c)
 
 
