@@ -51,6 +51,7 @@
 #endif
 
 #define QB_TILE 16 /* rows of x per pass over a weight row (more rows: one pass per 16) */
+#define QB_TILE_BLOCK 16 /* rows of x a tile's accumulators hold in registers at once */
 #define QB_TILE_ROWS 1 /* rows of x from which a tiled copy, where there is one, is used: all (measured
                           faster from one row in the whole decode step, 1.09x, and 1.8x at 32 rows) */
 /* Each weight row asks for the codes 4 KB ahead of it: left to the hardware prefetcher alone, a one-row
@@ -395,58 +396,77 @@ static ALWAYS_INLINE __m512i group_dot(const __m512i *W, const int8_t *xb) {
     return p;
 }
 
-static ALWAYS_INLINE void tiles_body(const int BITS, const int R, const qb_mat *w, const int8_t *xq, const float *xd,
-                                    const float *xs, float *y, int64_t ys, int accumulate) {
-    const int64_t in = w->in, units = in * BITS / 8 / 32, ng = in / 32, nxs = in / 16;
+/* Up to QB_TILE_BLOCK rows of x against one tile (16 output rows): the accumulators and a unit's unpacked
+   codes stay in registers (or L1); the tile's codes come from memory for the first block of rows and from
+   L1 after it. */
+static ALWAYS_INLINE void tile_block(const int BITS, const int R, const uint8_t *tc, const float *td,
+                                     const float *tm, int64_t units, int64_t in, const int8_t *xq,
+                                     const float *xd, const float *xs, float *y, int64_t ys, int accumulate) {
+    const int64_t ng = in / 32, nxs = in / 16;
     const __m512i nib = _mm512_set1_epi8(0x0F);
-    #pragma omp for schedule(static)
-    for (int64_t t = 0; t < w->out / 16; t++) {
-        __m512 acc[QB_TILE];
-        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-        const uint8_t *tc = w->tile_codes + t * units * 512;
-        const float *td = w->tile_d + t * ng * 16, *tm = w->tile_m + t * ng * 16;
-        for (int64_t u = 0; u < units; u++) {
-            __m512i V[8], H[8];
-            for (int k = 0; k < 8; k++) V[k] = _mm512_loadu_si512((const void *)(tc + (u * 8 + k) * 64));
-            if (BITS == 4)
-                for (int k = 0; k < 8; k++) {
-                    H[k] = _mm512_and_si512(_mm512_srli_epi16(V[k], 4), nib);  /* codes 32-63: the next group */
-                    V[k] = _mm512_and_si512(V[k], nib);
-                }
-            const int64_t g = BITS == 4 ? 2 * u : u;  /* the unit's (first) group */
-            for (int h = 0; h < (BITS == 4 ? 2 : 1); h++) {
-                const __m512 D = _mm512_loadu_ps(td + (g + h) * 16), M = _mm512_loadu_ps(tm + (g + h) * 16);
-                for (int r = 0; r < R; r++) {
-                    const int8_t *xb = xq + r * in + 32 * (g + h);
-                    __m512i p = group_dot(h ? H : V, xb);
-                    const float *s = xs + r * nxs + 2 * (g + h);
-                    acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(D, _mm512_set1_ps(xd[r * ng + g + h])),
-                                             _mm512_cvtepi32_ps(p), acc[r]);
-                    acc[r] = _mm512_fmadd_ps(M, _mm512_set1_ps(s[0] + s[1]), acc[r]);
-                }
+    __m512 acc[QB_TILE_BLOCK];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t u = 0; u < units; u++) {
+        __m512i V[8], H[8];
+        for (int k = 0; k < 8; k++) V[k] = _mm512_loadu_si512((const void *)(tc + (u * 8 + k) * 64));
+        if (BITS == 4)
+            for (int k = 0; k < 8; k++) {
+                H[k] = _mm512_and_si512(_mm512_srli_epi16(V[k], 4), nib);  /* codes 32-63: the next group */
+                V[k] = _mm512_and_si512(V[k], nib);
+            }
+        const int64_t g = BITS == 4 ? 2 * u : u;  /* the unit's (first) group */
+        for (int h = 0; h < (BITS == 4 ? 2 : 1); h++) {
+            const __m512 D = _mm512_loadu_ps(td + (g + h) * 16), M = _mm512_loadu_ps(tm + (g + h) * 16);
+            for (int r = 0; r < R; r++) {
+                __m512i p = group_dot(h ? H : V, xq + r * in + 32 * (g + h));
+                const float *s = xs + r * nxs + 2 * (g + h);
+                acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(D, _mm512_set1_ps(xd[r * ng + g + h])),
+                                         _mm512_cvtepi32_ps(p), acc[r]);
+                acc[r] = _mm512_fmadd_ps(M, _mm512_set1_ps(s[0] + s[1]), acc[r]);
             }
         }
-        for (int r = 0; r < R; r++) {
-            float *yr = y + r * ys + 16 * t;
-            _mm512_storeu_ps(yr, accumulate ? _mm512_add_ps(_mm512_loadu_ps(yr), acc[r]) : acc[r]);
-        }
+    }
+    for (int r = 0; r < R; r++) {
+        float *yr = y + r * ys;
+        _mm512_storeu_ps(yr, accumulate ? _mm512_add_ps(_mm512_loadu_ps(yr), acc[r]) : acc[r]);
     }
 }
 
-#define TILES(B, R)                                                                                          \
-    static void tiles_##B##_##R(const qb_mat *w, const int8_t *xq, const float *xd, const float *xs, float *y, \
-                                int64_t ys, int acc) {                                                       \
-        tiles_body(B, R, w, xq, xd, xs, y, ys, acc);                                                         \
+typedef void (*tile_fn)(const uint8_t *, const float *, const float *, int64_t, int64_t, const int8_t *,
+                        const float *, const float *, float *, int64_t, int);
+#define TBLOCK(B, R)                                                                                         \
+    static void tile_##B##_##R(const uint8_t *tc, const float *td, const float *tm, int64_t units, int64_t in, \
+                               const int8_t *xq, const float *xd, const float *xs, float *y, int64_t ys, int a) { \
+        tile_block(B, R, tc, td, tm, units, in, xq, xd, xs, y, ys, a);                                       \
     }
-#define TILES_ALL(B)                                                                                         \
-    TILES(B, 1) TILES(B, 2) TILES(B, 3) TILES(B, 4) TILES(B, 5) TILES(B, 6) TILES(B, 7) TILES(B, 8)           \
-    TILES(B, 9) TILES(B, 10) TILES(B, 11) TILES(B, 12) TILES(B, 13) TILES(B, 14) TILES(B, 15) TILES(B, 16)   \
-    static const rows_fn_##B##_32 tiles_##B[QB_TILE] = {                                                     \
-        tiles_##B##_1, tiles_##B##_2, tiles_##B##_3, tiles_##B##_4, tiles_##B##_5, tiles_##B##_6,             \
-        tiles_##B##_7, tiles_##B##_8, tiles_##B##_9, tiles_##B##_10, tiles_##B##_11, tiles_##B##_12,          \
-        tiles_##B##_13, tiles_##B##_14, tiles_##B##_15, tiles_##B##_16};
-TILES_ALL(4)
-TILES_ALL(8)
+#define TBLOCK_ALL(B)                                                                                        \
+    TBLOCK(B, 1) TBLOCK(B, 2) TBLOCK(B, 3) TBLOCK(B, 4) TBLOCK(B, 5) TBLOCK(B, 6) TBLOCK(B, 7) TBLOCK(B, 8)   \
+    TBLOCK(B, 9) TBLOCK(B, 10) TBLOCK(B, 11) TBLOCK(B, 12) TBLOCK(B, 13) TBLOCK(B, 14) TBLOCK(B, 15)          \
+    TBLOCK(B, 16)                                                                                            \
+    static const tile_fn tiles_##B[QB_TILE_BLOCK] = {                                                        \
+        tile_##B##_1, tile_##B##_2, tile_##B##_3, tile_##B##_4, tile_##B##_5, tile_##B##_6, tile_##B##_7,     \
+        tile_##B##_8, tile_##B##_9, tile_##B##_10, tile_##B##_11, tile_##B##_12, tile_##B##_13,               \
+        tile_##B##_14, tile_##B##_15, tile_##B##_16};
+TBLOCK_ALL(4)
+TBLOCK_ALL(8)
+
+/* All R rows of x against the tiled matrix, the tiles split between the threads (an orphaned omp for, as
+   rows_body): each tile's codes are read from memory once, whatever R. */
+static void tiles_run(const qb_mat *w, const int8_t *xq, const float *xd, const float *xs, int64_t R, float *y,
+                      int64_t ys, int accumulate) {
+    const int64_t in = w->in, units = in * w->bits / 8 / 32, ng = in / 32;
+    const tile_fn *fns = w->bits == 4 ? tiles_4 : tiles_8;
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < w->out / 16; t++) {
+        const uint8_t *tc = w->tile_codes + t * units * 512;
+        const float *td = w->tile_d + t * ng * 16, *tm = w->tile_m + t * ng * 16;
+        for (int64_t r0 = 0; r0 < R; r0 += QB_TILE_BLOCK) {
+            int n = R - r0 < QB_TILE_BLOCK ? (int)(R - r0) : QB_TILE_BLOCK;
+            fns[n - 1](tc, td, tm, units, in, xq + r0 * in, xd + r0 * ng, xs + r0 * (in / 16), y + r0 * ys + 16 * t,
+                       ys, accumulate);
+        }
+    }
+}
 #endif
 
 /* Rows of x from which a matrix with a tiled copy uses it. The same kernel for every batch keeps a row's
@@ -461,19 +481,16 @@ void qb_matmul_rows(const qb_mat *w, const int8_t *xq, const float *xd, const fl
                     int64_t y_stride, int accumulate) {
     const int64_t in = w->in;
 #ifdef QB_AVX512
-    const int tiled = w->tile_codes != NULL && R >= tile_rows;  /* one kernel for every row of this batch */
+    if (w->tile_codes != NULL && R >= tile_rows) {  /* one kernel for every row of this batch */
+        tiles_run(w, xq, xd, xs, R, y, y_stride, accumulate);
+        return;
+    }
 #endif
     for (int64_t r0 = 0; r0 < R; r0 += QB_TILE) {
         int n = R - r0 < QB_TILE ? (int)(R - r0) : QB_TILE;
         const int8_t *q = xq + r0 * in;
         const float *dd = xd + r0 * (in / 32), *ss = xs + r0 * (in / 16);
         float *yy = y + r0 * y_stride;
-#ifdef QB_AVX512
-        if (tiled) {
-            (w->bits == 4 ? tiles_4 : tiles_8)[n - 1](w, q, dd, ss, yy, y_stride, accumulate);
-            continue;
-        }
-#endif
         if (w->bits == 4) rows_4_32[n - 1](w, q, dd, ss, yy, y_stride, accumulate);
         else if (w->group == 32) rows_8_32[n - 1](w, q, dd, ss, yy, y_stride, accumulate);
         else rows_8_16[n - 1](w, q, dd, ss, yy, y_stride, accumulate);
