@@ -24,9 +24,10 @@ from . import native
 from .qblocks import QbMat
 from .quant import Int8Linear
 
-# Rows per fused step: the block kernel streams each weight once per 16 rows, and up to 32 rows the fused
-# step beats the per-op path's bfloat16 GEMM (32 sampled streams: 442 vs 154 tok/s, measured side by side);
-# the float32 and int8 kernels take 4 rows per pass. More rows: the per-op path.
+# Rows per fused step: the block kernels take any number of rows (the row kernel streams each weight once
+# per 16, the tiled one once per batch), and up to 32 rows the fused step beat the per-op path's bfloat16
+# GEMM (32 sampled streams: 442 vs 154 tok/s, measured side by side, before the tiled kernel); the float32
+# and int8 kernels take 4 rows per pass. More rows: the per-op path.
 MAX_ROWS = 32
 MAX_ROWS_FLOAT = 4
 
