@@ -426,3 +426,143 @@ void topk_rows(const float *x, int64_t B, int64_t V, int64_t k, float *vals, int
         free(buf);
     }
 }
+
+/* ---- sampling: temperature, top-p and the draw of one row, fused ----------------------------------
+   The common request (temperature, top-p, nothing else) as the sampling pipeline defines it
+   (sampling/sampler.py), for one row, in a few passes over the logits instead of some twenty tensor ops:
+
+     raw log-probabilities: x - logsumexp(x); x' = (x - max x) / T (T = 1: x itself);
+     p = softmax(x'); top-p: sort p descending, the crossing p_c where the float64 cumulative mass first
+     reaches top_p, keep p_i >= p_c (ties with the crossing token kept); top_p = 1 keeps every token;
+     draw: the first kept token, in token-id order, whose float64 cumulative mass exceeds u * total.
+
+   The sorted prefix comes from topk_row (256 candidates, then 4096, then the whole row), exactly the sort's
+   order. NaN counts as -inf. Returns per row: the token, its raw and processed log-probability, and
+   failed = 1 (token 0, -inf) when no logit is finite. A row with a +inf logit returns status 1 (the caller
+   takes the tensor pipeline, which gives +inf its own meaning). Deterministic per row. */
+
+static int cand_by_id(const void *a, const void *b) {
+    int64_t x = ((const cand_t *)a)->i, y = ((const cand_t *)b)->i;
+    return x < y ? -1 : x > y;
+}
+
+static int sample_row(const float *x, int64_t V, float T, double top_p, double u, int64_t *token, float *raw_lp,
+                      float *proc_lp, uint8_t *failed, float *scratch, cand_t *buf) {
+    float m = -INFINITY;
+    for (int64_t i = 0; i < V; i++) {
+        float v = x[i];
+        if (v == INFINITY) return 1;
+        if (v > m) m = v;  /* NaN never compares greater */
+    }
+    *failed = 0;
+    if (m == -INFINITY) {
+        *token = 0; *raw_lp = -INFINITY; *proc_lp = -INFINITY; *failed = 1;
+        return 0;
+    }
+    /* p_i = e_i / Z over x' = (x - m) / T (the maximum of x' is 0); -inf and NaN -> weight 0. The raw
+       distribution's normaliser Zraw = sum e^(x - m) comes from the same pass. */
+    const float inv = 1.0f / T;
+    double Z = 0.0, Zraw = 0.0;
+    int64_t i = 0;
+#ifdef __AVX512F__
+    __m512 z = _mm512_setzero_ps(), zr = _mm512_setzero_ps();
+    const __m512 mv = _mm512_set1_ps(m), iv = _mm512_set1_ps(inv), ninf = _mm512_set1_ps(-INFINITY);
+    for (; i + 16 <= V; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        __mmask16 ok = _mm512_cmp_ps_mask(v, ninf, _CMP_GT_OQ);
+        __m512 a = _mm512_sub_ps(v, mv);
+        __m512 e = _mm512_maskz_mov_ps(ok, exp_nonpos(T == 1.0f ? a : _mm512_mul_ps(a, iv)));
+        _mm512_storeu_ps(scratch + i, e);
+        z = _mm512_add_ps(z, e);
+        if (T != 1.0f) zr = _mm512_add_ps(zr, _mm512_maskz_mov_ps(ok, exp_nonpos(a)));
+    }
+    Z = _mm512_reduce_add_ps(z);
+    Zraw = _mm512_reduce_add_ps(zr);
+#endif
+    for (; i < V; i++) {
+        float v = x[i];
+        if (!(v > -INFINITY)) { scratch[i] = 0.0f; continue; }
+        float e = expf((v - m) * inv);
+        scratch[i] = e;
+        Z += e;
+        if (T != 1.0f) Zraw += expf(v - m);
+    }
+    if (T == 1.0f) Zraw = Z;
+    const float lse_raw = m + (float)log(Zraw);
+    double total = 0.0;
+    int64_t chosen = -1;
+    if (top_p >= 1.0) {  /* every token: the draw straight over the row, in id order */
+        for (int64_t i = 0; i < V; i++) total += scratch[i];
+        double target = u * total, cum = 0.0;
+        int64_t last = 0;
+        for (int64_t i = 0; i < V; i++) {
+            if (scratch[i] <= 0.0f) continue;
+            last = i;
+            cum += scratch[i];
+            if (cum > target) { chosen = i; break; }
+        }
+        if (chosen < 0) chosen = last;  /* u * total rounded up: the last token with mass */
+    } else {
+        /* the sorted prefix that holds top_p of the mass: 256 candidates, then 4096, then all */
+        const double need = top_p * Z;
+        int64_t K = V < 256 ? V : 256, n_keep = 0;
+        for (;;) {
+            int64_t cap = K == V ? V : 4 * K + 64;
+            cand_t *c = buf;
+            if (K == V) {
+                for (int64_t i = 0; i < V; i++) c[i] = (cand_t){x[i] > -INFINITY ? x[i] : -INFINITY, i};
+                qsort(c, V, sizeof(cand_t), by_rank);
+            } else {
+                float *vals = (float *)(buf + cap);  /* after the candidate buffer */
+                int64_t *ids = (int64_t *)(vals + K);
+                topk_row(x, V, K, buf, cap, vals, ids);
+                for (int64_t r = 0; r < K; r++) c[r] = (cand_t){vals[r], ids[r]};
+            }
+            double cum = 0.0;
+            int64_t cross = -1;
+            for (int64_t r = 0; r < K; r++) {
+                cum += scratch[c[r].i];
+                if (cum >= need) { cross = r; break; }
+            }
+            if (cross >= 0) {
+                const float pc = scratch[c[cross].i];
+                n_keep = cross + 1;
+                while (n_keep < K && scratch[c[n_keep].i] >= pc) n_keep++;
+                if (n_keep < K || K == V) break;  /* else tied tokens may lie beyond the prefix */
+            } else if (K == V) {  /* rounding left the mass short of top_p * Z: keep every token with mass */
+                n_keep = V;
+                while (n_keep > 1 && scratch[c[n_keep - 1].i] <= 0.0f) n_keep--;
+                break;
+            }
+            K = K < 4096 && V > 4096 ? 4096 : V;
+        }
+        qsort(buf, n_keep, sizeof(cand_t), cand_by_id);  /* the kept tokens in id order */
+        for (int64_t r = 0; r < n_keep; r++) total += scratch[buf[r].i];
+        double target = u * total, cum = 0.0;
+        for (int64_t r = 0; r < n_keep; r++) {
+            cum += scratch[buf[r].i];
+            if (cum > target) { chosen = buf[r].i; break; }
+        }
+        if (chosen < 0) chosen = buf[n_keep - 1].i;
+    }
+    *token = chosen;
+    *raw_lp = x[chosen] - lse_raw;
+    *proc_lp = (float)log((double)scratch[chosen] / total);
+    return 0;
+}
+
+int sample_top_p_rows(const float *x, int64_t B, int64_t V, const float *T, const double *top_p, const double *u,
+                      int64_t *tokens, float *raw_lp, float *proc_lp, uint8_t *failed) {
+    int status = 0;
+#pragma omp parallel for if (B > 1) reduction(| : status)
+    for (int64_t b = 0; b < B; b++) {
+        /* scratch: the row's weights, then candidates for up to the whole row (+ topk_row's outputs) */
+        size_t bytes = sizeof(float) * (size_t)V + sizeof(cand_t) * (size_t)(4 * V + 64) + 12 * 4096 + 64;
+        char *mem = malloc(bytes);
+        if (!mem) { status |= 2; continue; }
+        status |= sample_row(x + b * V, V, T[b], top_p[b], u[b], tokens + b, raw_lp + b, proc_lp + b, failed + b,
+                             (float *)mem, (cand_t *)(mem + sizeof(float) * (size_t)V));
+        free(mem);
+    }
+    return status;
+}

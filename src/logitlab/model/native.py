@@ -12,6 +12,8 @@
   PyTorch ops (and their per-call overhead) in one pass.
 - ``topk_rows``: the sampler's top-k over a row of logits (torch's CPU topk costs ~120 us a row
   whatever k is, a good part of a 4 ms decode step).
+- ``sample_top_p``: temperature, top-p and the draw of a row fused (the common request: some twenty
+  tensor ops, each a pass over the vocabulary, become three).
 
 Two more sources are compiled into the same library: ``qblocks.c`` (matmuls on GGUF quantized blocks,
 ``--dtype gguf``; bound in qblocks.py) and ``step.c`` (a whole decode step in one call; decode_step.py).
@@ -112,6 +114,8 @@ def _library():
     lib.rope_store_paged.restype = None
     lib.topk_rows.argtypes = [p, i64, i64, i64, p, p]
     lib.topk_rows.restype = None
+    lib.sample_top_p_rows.argtypes = [p, i64, i64, p, p, p, p, p, p, p]
+    lib.sample_top_p_rows.restype = ctypes.c_int
     return lib
 
 
@@ -284,3 +288,26 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     vals, ids = torch.empty(B, k, device=x.device), torch.empty(B, k, dtype=torch.int64, device=x.device)
     _library().topk_rows(x.data_ptr(), B, V, k, vals.data_ptr(), ids.data_ptr())
     return vals, ids
+
+
+def sample_top_p(x: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor):
+    """Temperature, top-p and the inverse-CDF draw of each row of logits ``x [B, V]`` (float32,
+    contiguous), as the sampling pipeline defines them (``kernels.c``): returns (tokens [B] long, raw
+    logprobs [B], processed logprobs [B], failed [B] bool), or None where a row holds a +inf logit (the
+    pipeline gives those rows their own meaning). ``temperature`` [B] float32 > 0, ``top_p`` [B] float64 in
+    (0, 1], ``u`` [B] float64 uniforms."""
+    if x.dim() != 2 or not _f32(x):
+        raise ValueError("sample_top_p takes contiguous float32 logits [B, V]")
+    B, V = x.shape
+    t = temperature.to(torch.float32).contiguous()
+    tp, uu = top_p.to(torch.float64).contiguous(), u.to(torch.float64).contiguous()
+    if t.shape != (B,) or tp.shape != (B,) or uu.shape != (B,) or not bool((t > 0).all()):
+        raise ValueError("sample_top_p: one temperature > 0, top_p and uniform per row")
+    dev = x.device
+    tokens, failed = torch.empty(B, dtype=torch.int64, device=dev), torch.empty(B, dtype=torch.uint8, device=dev)
+    raw, proc = torch.empty(B, device=dev), torch.empty(B, device=dev)
+    rc = _library().sample_top_p_rows(x.data_ptr(), B, V, t.data_ptr(), tp.data_ptr(), uu.data_ptr(),
+                                      tokens.data_ptr(), raw.data_ptr(), proc.data_ptr(), failed.data_ptr())
+    if rc & 2:
+        raise MemoryError("sample_top_p: no scratch memory")
+    return None if rc else (tokens, raw, proc, failed.bool())

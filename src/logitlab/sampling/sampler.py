@@ -55,7 +55,7 @@ distribution the token was drawn from (greedy rows: 0 for the argmax). Both are 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -121,6 +121,7 @@ class SamplingBatch:
     uses: frozenset  # names of the stages some row needs
     vocab_size: int = 0
     compact_k: int = 0  # > 0: every sampled row uses top-k <= compact_k, so the compact path applies
+    fused: torch.Tensor | None = None  # [B] bool on the host: rows that only use temperature and top-p
     # [B] long on the host when the batch lives on another device: the uniforms are hashed there (rng.py)
     host_seeds: torch.Tensor | None = None
 
@@ -218,8 +219,10 @@ class SamplingBatch:
         if compact_k > P.PREFIX_GUESSES[-1] or "dynatemp" in uses:
             compact_k = 0
 
+        fused = [_fusable(p, V, bool(eos)) for p in params]
         f32, f64 = torch.float32, torch.float64
         return cls(
+            fused=torch.tensor(fused, dtype=torch.bool) if any(fused) else None,
             temperature=col((p.temperature for p in params), f32),
             greedy=col(greedy_rows, torch.bool),
             top_k=knob("top_k", torch.long), top_p=knob("top_p", f64), min_p=knob("min_p", f64),
@@ -255,6 +258,20 @@ class SamplingBatch:
 
     def __len__(self) -> int:
         return self.temperature.shape[0]
+
+
+def _fusable(p: SamplingParams, V: int, has_eos: bool) -> bool:
+    """Whether a row's pipeline is only temperature (> 0) and top-p, the request most clients send: those
+    rows are sampled by the fused native kernel (``native.sample_top_p``), whatever their neighbours."""
+    off = {name: getattr(p, name) == value for name, value in _TRUNCATION_OFF.items()}
+    return (p.temperature > 0 and p.mirostat == 0 and not p.dynatemp_range and not p.explain
+            and all(ok for name, ok in off.items() if name not in ("top_p", "top_k", "xtc_probability"))
+            and (p.top_k == 0 or p.top_k >= V) and (p.xtc_probability == 0 or p.xtc_threshold > 0.5)
+            and p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
+            and not p.temperature_frequency_penalty and not p.temperature_presence_penalty
+            and not (p.dry_multiplier > 0 and p.dry_penalty_last_n != 0) and p.no_repeat_ngram_size == 0
+            and not p.logit_bias and p.allowed_token_ids is None and not p.banned_token_ids
+            and not (has_eos and p.min_tokens > 0))
 
 
 def _triples(items, device="cpu") -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -588,6 +605,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, *, output_counts: torch.T
     row's state (None: the initial 2 tau); the updated state is ``SamplerOutput.mirostat_mu``."""
     B, V = logits.shape
     num_generated, host_counters = _counters(num_generated, B, logits.device)
+    fused = _sample_fused(logits, batch, num_generated, host_counters, uniforms)
+    if fused is not None and fused[0] is None and not num_logprobs and not explain:
+        # every row fused and nothing else asked for (no alternatives, no trace): the kernel's result is whole
+        return replace(fused[1], mirostat_mu=mirostat_mu)
     tracer = _Tracer(explain)
     final, raw, failed = _pipeline(logits, batch, output_counts, prompt_counts, num_generated, tracer,
                                    history=history, mirostat_mu=mirostat_mu, host_counters=host_counters)
@@ -627,9 +648,43 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, *, output_counts: torch.T
     if final.mirostat_mu is not None:  # the surprise of the drawn token, in the distribution it came from
         mu = M.update_mu(final.mirostat_mu, proc_lp, batch.mirostat_tau, batch.mirostat_eta,
                          (batch.mirostat > 0) & ~failed)
+    if fused is not None:  # the fused rows take the kernel's draw, as they would alone
+        rows, f = fused
+        rows = torch.arange(B, device=logits.device) if rows is None else rows
+        tokens, raw_lp, proc_lp, failed = (t.index_put((rows,), v) for t, v in
+                                           ((tokens, f.tokens), (raw_lp, f.raw_logprobs),
+                                            (proc_lp, f.processed_logprobs), (failed, f.failed)))
     return SamplerOutput(tokens=tokens, logprobs=torch.where(mode, proc_lp, raw_lp), raw_logprobs=raw_lp,
                          processed_logprobs=proc_lp, top_ids=top_ids, top_logprobs=top_lps, failed=failed,
                          trace=trace, mirostat_mu=mu)
+
+
+def _sample_fused(logits: torch.Tensor, b: SamplingBatch, num_generated: torch.Tensor, host_counters,
+                  uniforms: torch.Tensor | None):
+    """The rows that only use temperature and top-p (``SamplingBatch.fused``), sampled by the native fused
+    kernel: the same distribution and draw as the pipeline below, in three passes over a row instead of
+    some twenty tensor ops, and always by the kernel, so a row's token does not depend on its neighbours.
+    Returns None (no such row, or not on this CPU), else (their row indices, or None for every row; their
+    output, without alternatives or trace)."""
+    if (b.fused is None or logits.device.type != "cpu" or logits.dtype != torch.float32
+            or b.vocab_size != logits.shape[1]):
+        return None
+    from ..model import native
+
+    if not native.available():
+        return None
+    u = _row_uniforms(b, num_generated, host_counters) if uniforms is None else uniforms
+    every = bool(b.fused.all())
+    rows = None if every else b.fused.nonzero().squeeze(-1)
+    pick = (lambda t: t) if every else (lambda t: t.index_select(0, rows))
+    out = native.sample_top_p(pick(logits).contiguous(), pick(b.temperature), pick(b.top_p), pick(u.to(torch.float64)))
+    if out is None:  # a +inf logit: the pipeline's own rule for it
+        return None
+    tokens, raw_lp, proc_lp, failed = out
+    mode = pick(b.processed_logprobs)
+    res = SamplerOutput(tokens=tokens, logprobs=torch.where(mode, proc_lp, raw_lp), raw_logprobs=raw_lp,
+                        processed_logprobs=proc_lp, top_ids=None, top_logprobs=None, failed=failed)
+    return rows, res
 
 
 def _trace(tracer: _Tracer, final: torch.Tensor, tokens: torch.Tensor) -> list[list[dict]]:
