@@ -116,13 +116,17 @@ def test_edge_rows_no_finite_logit_nan_and_plus_inf():
     V = 300
     x = torch.randn(4, V, generator=torch.Generator().manual_seed(1))
     x[0] = float("-inf")  # nothing left: failed, token 0, -inf
-    x[1, :150] = float("nan")  # NaN counts as -inf: never drawn
+    x[1, :150] = float("nan")  # NaN counts as -inf (the pipeline's rule): never drawn
     b = batch([SamplingParams(temperature=0.8, top_p=0.9)] * 4, V)
     out = sample(x, b)
     assert out.failed.tolist() == [True, False, False, False] and out.tokens[0] == 0
     assert math.isinf(out.raw_logprobs[0]) and out.tokens[1] >= 150
     ref = pipeline(x, b)
     assert out.tokens.tolist() == ref.tokens.tolist()
+    tokens = native.sample_top_p(x, b.temperature, b.top_p, torch.full((4,), 0.5, dtype=torch.float64))
+    assert tokens is None  # the kernel leaves NaN (and +inf) rows to the pipeline
+    fine = native.sample_top_p(x[[0, 2, 3]], b.temperature[:3], b.top_p[:3], torch.full((3,), 0.5, dtype=torch.float64))
+    assert fine[3].tolist() == [True, False, False]
     x[2, 7] = float("inf")  # +inf: the pipeline's rule (only the +inf tokens are left)
     out = sample(x, b)
     assert out.tokens[2] == 7 and out.tokens.tolist() == pipeline(x, b).tokens.tolist()

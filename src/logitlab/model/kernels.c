@@ -437,9 +437,9 @@ void topk_rows(const float *x, int64_t B, int64_t V, int64_t k, float *vals, int
      draw: the first kept token, in token-id order, whose float64 cumulative mass exceeds u * total.
 
    The sorted prefix comes from topk_row (256 candidates, then 4096, then the whole row), exactly the sort's
-   order. NaN counts as -inf. Returns per row: the token, its raw and processed log-probability, and
-   failed = 1 (token 0, -inf) when no logit is finite. A row with a +inf logit returns status 1 (the caller
-   takes the tensor pipeline, which gives +inf its own meaning). Deterministic per row. */
+   order. Returns per row: the token, its raw and processed log-probability, and failed = 1 (token 0,
+   -inf) when no logit is finite. A row with a +inf or NaN logit returns status 1: the caller takes the
+   tensor pipeline, which gives +inf its own meaning and reads NaN as -inf. Deterministic per row. */
 
 static int cand_by_id(const void *a, const void *b) {
     int64_t x = ((const cand_t *)a)->i, y = ((const cand_t *)b)->i;
@@ -451,8 +451,8 @@ static int sample_row(const float *x, int64_t V, float T, double top_p, double u
     float m = -INFINITY;
     for (int64_t i = 0; i < V; i++) {
         float v = x[i];
-        if (v == INFINITY) return 1;
-        if (v > m) m = v;  /* NaN never compares greater */
+        if (v == INFINITY || v != v) return 1;  /* +inf or NaN: the pipeline's own rules for them */
+        if (v > m) m = v;
     }
     *failed = 0;
     if (m == -INFINITY) {

@@ -293,8 +293,8 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def sample_top_p(x: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor):
     """Temperature, top-p and the inverse-CDF draw of each row of logits ``x [B, V]`` (float32,
     contiguous), as the sampling pipeline defines them (``kernels.c``): returns (tokens [B] long, raw
-    logprobs [B], processed logprobs [B], failed [B] bool), or None where a row holds a +inf logit (the
-    pipeline gives those rows their own meaning). ``temperature`` [B] float32 > 0, ``top_p`` [B] float64 in
+    logprobs [B], processed logprobs [B], failed [B] bool), or None where a row holds a +inf or NaN logit
+    (the pipeline gives those their own meaning). ``temperature`` [B] float32 > 0, ``top_p`` [B] float64 in
     (0, 1], ``u`` [B] float64 uniforms."""
     if x.dim() != 2 or not _f32(x):
         raise ValueError("sample_top_p takes contiguous float32 logits [B, V]")

@@ -678,7 +678,7 @@ def _sample_fused(logits: torch.Tensor, b: SamplingBatch, num_generated: torch.T
     rows = None if every else b.fused.nonzero().squeeze(-1)
     pick = (lambda t: t) if every else (lambda t: t.index_select(0, rows))
     out = native.sample_top_p(pick(logits).contiguous(), pick(b.temperature), pick(b.top_p), pick(u.to(torch.float64)))
-    if out is None:  # a +inf logit: the pipeline's own rule for it
+    if out is None:  # a +inf or NaN logit (a broken model): the pipeline's own rules for them
         return None
     tokens, raw_lp, proc_lp, failed = out
     mode = pick(b.processed_logprobs)
