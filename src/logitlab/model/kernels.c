@@ -459,7 +459,7 @@ static int sample_row(const float *x, int64_t V, float T, double top_p, double u
         *token = 0; *raw_lp = -INFINITY; *proc_lp = -INFINITY; *failed = 1;
         return 0;
     }
-    /* p_i = e_i / Z over x' = (x - m) / T (the maximum of x' is 0); -inf and NaN -> weight 0. The raw
+    /* p_i = e_i / Z over x' = (x - m) / T (the maximum of x' is 0); -inf -> weight 0. The raw
        distribution's normaliser Zraw = sum e^(x - m) comes from the same pass. */
     const float inv = 1.0f / T;
     double Z = 0.0, Zraw = 0.0;
