@@ -157,18 +157,20 @@ def test_draft_greedy_shortcut_is_the_draw():
 
 
 def test_flat_verification_matches_the_t_token_forward(tiny_engine):
-    """SpecGroup verifies B x T drafted positions as B * T one-token rows of a decode step (_verify):
-    the same logits as the T-token forward it replaces, drafted positions seeing the ones before them."""
+    """The scheduler verifies B x T drafted positions as B * T one-token rows of its decode step
+    (``speculative.rides_decode``): the same logits as the T-token forward it replaces, drafted positions
+    seeing the ones before them."""
     import torch
 
-    from logitlab.decoding.speculative import _native_decode, _verify
+    from logitlab.decoding.speculative import _native_decode, rides_decode
 
     model, cache = tiny_engine.model, tiny_engine.scheduler.cache
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (2, 20), generator=gen)
     tables = [[], []]
     with torch.inference_mode():
-        assert _native_decode(model, cache)  # (else _verify would take the T-token path and prove nothing)
+        assert _native_decode(model, cache)  # (else the one-token rows would take the PyTorch path)
+        assert rides_decode(tiny_engine.scheduler)
         for t in tables:
             for pos in range(40):
                 cache.ensure_writable(t, pos)
@@ -177,7 +179,8 @@ def test_flat_verification_matches_the_t_token_forward(tiny_engine):
         tokens = torch.randint(0, model.config.vocab_size, (2, 5), generator=gen)
         positions = torch.tensor([[19], [15]]) + torch.arange(5)  # rows at different lengths
         valid = torch.ones(2, 5, dtype=torch.bool)
-        flat = _verify(model, cache, tokens, positions, valid, bt)
+        flat = model(tokens.reshape(10, 1), positions.reshape(10, 1), cache, valid=valid.reshape(10, 1),
+                     block_tables=bt.repeat_interleave(5, 0)).view(2, 5, -1)  # as _decode_logits lays them out
         ref = model(tokens, positions, cache, valid=valid, logits_at="all", block_tables=bt)
     for t in tables:
         cache.release(t)

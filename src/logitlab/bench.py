@@ -43,22 +43,37 @@ DTYPES = ["float32", "bfloat16", "int8", "gguf"]  # gguf: compute on the GGUF's 
 PREFILL_ONLY_BUFFERS = ("dequant",)
 
 
-def _decode_rate(engine, tokens: int, batch: int, temperature: float) -> float:
-    """Generated tokens per second across ``batch`` streams, prefill excluded (timed from the first
-    token of the slowest stream... i.e. after every stream has its first token)."""
+def sync(device) -> None:
+    """Wait for the device's queued work (a timer around GPU work reads nothing otherwise)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_once(engine, prompts: list, tokens: int, temperature: float) -> tuple[float, list[list[int]]]:
+    """One stream per prompt (text or ids) through the engine's scheduler: generated tokens per second,
+    timed from when every stream has its first token (prefill excluded), and the tokens."""
     params = SamplingParams(max_tokens=tokens, temperature=temperature, top_p=0.95 if temperature else 1.0,
                             ignore_eos=True, seed=1)
     sched = engine.scheduler
-    reqs = [r for i in range(batch) for r in engine.make_requests(PROMPT + f" {i}", params)]
+    reqs = [r for p in prompts for r in engine.make_requests(p, params)]
     sched.add(reqs)
     while any(not r.output_ids for r in reqs):
         sched.step()
     done0 = sum(len(r.output_ids) for r in reqs)
+    sync(engine.device)
     t0 = time.perf_counter()
     while sched.has_work():
         sched.step()
+    sync(engine.device)
     dt = time.perf_counter() - t0
-    return (sum(len(r.output_ids) for r in reqs) - done0) / dt
+    if any(r.error for r in reqs):
+        raise RuntimeError(f"decode failed: {[r.error for r in reqs if r.error][0]}")
+    return (sum(len(r.output_ids) for r in reqs) - done0) / dt, [list(r.output_ids) for r in reqs]
+
+
+def _decode_rate(engine, tokens: int, batch: int, temperature: float) -> float:
+    """``decode_once`` over ``batch`` streams of the bench's prompt: tokens per second."""
+    return decode_once(engine, [PROMPT + f" {i}" for i in range(batch)], tokens, temperature)[0]
 
 
 def weight_bytes_per_token(model) -> int:
@@ -171,14 +186,19 @@ def sampling_overhead(engine, tokens: int, top_p: bool) -> dict:
 
 
 @torch.inference_mode()
-def _prefill_rate(model, n: int) -> float:
+def prefill_rate(model, n: int, reps: int = 2, warmup: int = 32) -> float:
+    """Tokens per second of one ``n``-token forward (random ids, no cache), best of ``reps`` after a
+    ``warmup``-token one."""
+    dev = model.device
     toks = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(n).unsqueeze(0)
-    model(toks[:, :32], pos[:, :32])  # warm-up
+    model(toks[:, :warmup], pos[:, :warmup])
     best = float("inf")
-    for _ in range(2):
+    for _ in range(reps):
+        sync(dev)
         t0 = time.perf_counter()
         model(toks, pos)
+        sync(dev)
         best = min(best, time.perf_counter() - t0)
     return n / best
 
@@ -314,7 +334,7 @@ def run(args) -> dict:
                 res["decode_1_pytorch_only_tok_s"] = _decode_rate(engine, args.tokens, 1, 0.0)
     res["sampled_8_tok_s"] = _decode_rate(engine, args.tokens, 8, 0.8)
     res["sampled_32_tok_s"] = _decode_rate(engine, args.tokens, 32, 0.8)
-    res["prefill_512_tok_s"] = _prefill_rate(engine.model, 512)
+    res["prefill_512_tok_s"] = prefill_rate(engine.model, 512)
     if args.no_cache:
         nc = Engine(engine.model, engine.tokenizer, max_batch=1, max_len=1024, use_cache=False)
         res["no_kv_cache_decode_1_tok_s"] = _decode_rate(nc, args.tokens, 1, 0.0)

@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 
 from .model.config import ModelConfig
-from .sampling import SamplingParams
 
 DTYPES = ("float16", "bfloat16", "int8")
 # SmolLM2-135M-Instruct, the default model
@@ -140,56 +139,23 @@ def build_engine(src: Source, dtype: str, device, max_batch: int = 8, max_len: i
                   max_len=max_len, device=device)
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _decode_once(engine, ids: list[list[int]], tokens: int, temperature: float) -> tuple[float, list[list[int]]]:
-    params = SamplingParams(max_tokens=tokens, temperature=temperature, top_p=0.95 if temperature else 1.0,
-                            ignore_eos=True, seed=1)
-    sched = engine.scheduler
-    reqs = [r for p in ids for r in engine.make_requests(p, params)]
-    sched.add(reqs)
-    while any(not r.output_ids for r in reqs):
-        sched.step()
-    done0 = sum(len(r.output_ids) for r in reqs)
-    _sync(engine.device)
-    t0 = time.perf_counter()
-    while sched.has_work():
-        sched.step()
-    _sync(engine.device)
-    dt = time.perf_counter() - t0
-    if any(r.error for r in reqs):
-        raise RuntimeError(f"decode failed: {[r.error for r in reqs if r.error][0]}")
-    return (sum(len(r.output_ids) for r in reqs) - done0) / dt, [list(r.output_ids) for r in reqs]
-
-
 def decode_rate(engine, ids: list[list[int]], tokens: int, temperature: float,
                 graphs: bool) -> tuple[float, list[list[int]]]:
     """Generated tokens per second over ``len(ids)`` streams, prefill excluded, after an untimed run of the
     same length; and the timed run's tokens."""
+    from .bench import decode_once
     from .model import cuda_graph
 
     with cuda_graph.use(graphs):
-        _decode_once(engine, ids, tokens, temperature)
-        return _decode_once(engine, ids, tokens, temperature)
+        decode_once(engine, ids, tokens, temperature)
+        return decode_once(engine, ids, tokens, temperature)
 
 
-@torch.inference_mode()
 def prefill_rate(model, n: int) -> float:
-    dev = model.device
-    toks = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
-    pos = torch.arange(n).unsqueeze(0)
-    model(toks, pos)
-    best = float("inf")
-    for _ in range(3):
-        _sync(dev)
-        t0 = time.perf_counter()
-        model(toks, pos)
-        _sync(dev)
-        best = min(best, time.perf_counter() - t0)
-    return n / best
+    """``bench.prefill_rate``: best of three after a whole-length warm-up (graph capture, autotuning)."""
+    from .bench import prefill_rate
+
+    return prefill_rate(model, n, reps=3, warmup=n)
 
 
 def hf_model(src: Source, dtype: str, device):
@@ -212,11 +178,13 @@ def hf_decode_rate(hf, ids: list[list[int]], tokens: int, sample: bool, device) 
     kw = dict(attention_mask=mask, do_sample=sample, pad_token_id=0, top_p=0.95 if sample else None,
               temperature=0.8 if sample else None, top_k=None)
 
+    from .bench import sync
+
     def timed(n):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         hf.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0
 
     timed(min(tokens, 16))  # warm-up

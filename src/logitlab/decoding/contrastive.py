@@ -172,12 +172,14 @@ def contrastive_generate(
     out, texts = sched.run_to_end(requests, tokenizer)
     traces = None
     if trace:
-        def name(i):
-            return tokenizer.decode([i]) if tokenizer is not None else i
-
-        traces = [[dict(step, chosen=name(t)) for step, t in zip(r.trace, r.output_ids, strict=False)]
+        traces = [[dict(step, chosen=_name(tokenizer, t)) for step, t in zip(r.trace, r.output_ids, strict=False)]
                   for r in requests]
     return ContrastiveOutput(out, [r.finish_reason for r in requests], texts, traces)
+
+
+def _name(tokenizer, token: int):
+    """A token as the trace shows it: its text, or its id for a bare model."""
+    return tokenizer.decode([token]) if tokenizer is not None else token
 
 
 def step_trace(le, la, scores, tokenizer, top: int = 5) -> dict:
@@ -186,10 +188,7 @@ def step_trace(le, la, scores, tokenizer, top: int = 5) -> dict:
     k = min(top, int(torch.isfinite(scores).sum()))
     vals, ids = scores.topk(max(k, 1))
 
-    def name(i):
-        return tokenizer.decode([i]) if tokenizer is not None else i
-
-    return {"expert_top": name(int(lp_e.argmax())),
-            "candidates": [{"token": name(i), "score": v, "expert_logprob": float(lp_e[i]),
+    return {"expert_top": _name(tokenizer, int(lp_e.argmax())),
+            "candidates": [{"token": _name(tokenizer, i), "score": v, "expert_logprob": float(lp_e[i]),
                             "amateur_logprob": float(lp_a[i])} for v, i in zip(vals.tolist(), ids.tolist(),
                                                                                 strict=True)]}

@@ -254,8 +254,10 @@ class Scheduler:
         # Speculative rounds: drafts proposed now; verification rides in the one decode forward below as
         # one-token rows after the beams' where the model decodes in its native kernels, else its own forward.
         spec = [g for g in self.groups if not g.done and g.kind == "speculative"]
-        verify = [(g, g.prepare(self)) for g in spec if g.flat(self)]
-        alone = [g for g in spec if not g.flat(self)]
+        if spec:
+            from .speculative import rides_decode
+        ride = bool(spec) and rides_decode(self)
+        verify, alone = ([(g, g.prepare(self)) for g in spec], []) if ride else ([], spec)
         decoded = self._decode_logits(running, groups, verify) if running or groups or verify else None
         logits = [decoded[: len(running)]] if running else []
         admitted, new_groups = self._admit()

@@ -450,36 +450,15 @@ def benchmark_speculative(target, drafts=("ngram", "early-exit:8", "int8"), prom
 
 # ---- speculative decoding as a mode of the scheduler -----------------------------------------------------
 
-FLAT_VERIFY_ROWS = 12  # verification as one-token rows up to this many (B * (g + 1)): measured faster to 12
-
-
-def _verify(model, cache, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-            tables: torch.Tensor) -> torch.Tensor:
-    """The target's logits [B, T, V] at every position of ``tokens`` [B, T] over the paged ``cache``.
-
-    Where the model decodes in its native kernels, the B x T positions go in as B * T one-token rows of
-    one decode step, each row over its sequence's block table: every layer writes all rows' keys and
-    values before any row attends, and a row attends to positions <= its own, so token t sees the drafted
-    tokens before it exactly as in a T-token forward. The one-token path streams each weight once for up
-    to 4 rows and attends in native kernels; a T-token forward takes the PyTorch path (a matmul per weight
-    off the native kernels from 5 rows, and the paged keys/values gathered and copied per layer): measured
-    with SmolLM2-135M at a 400-token context, T = 5 costs 2.1x a one-token step as flat rows vs 2.4x as a
-    T-token forward in float32, int8 T = 4: 1.6x vs 2.5x. It also verifies with the kernels plain decode
-    runs, so greedy texts agree with it to the bit more often."""
-    B, T = tokens.shape
-    if T > 1 and _native_decode(model, cache) and (B * T <= FLAT_VERIFY_ROWS or _fused_rows(model, B * T)):
-        logits = model(tokens.reshape(B * T, 1), positions.reshape(B * T, 1), cache, valid=valid.reshape(B * T, 1),
-                       block_tables=tables.repeat_interleave(T, 0))
-        return logits.view(B, T, -1)
-    return model(tokens, positions, cache, valid=valid, logits_at="all", block_tables=tables)
-
-
-def _fused_rows(model, rows: int) -> bool:
-    """Whether the model's one-call decode step takes ``rows`` rows (GGUF blocks: up to 16, each weight
-    streamed once for all of them)."""
-    from ..model import decode_step
-
-    return hasattr(model, "rope_cos") and decode_step.for_model(model, rows) is not None
+def rides_decode(sched) -> bool:
+    """Whether speculative verification rides in ``sched``'s one decode forward: each round's W x (g + 1)
+    drafted positions go in as one-token rows beside the plain and beam rows, each over its sequence's
+    block table. Exact where the model decodes in its native kernels: every layer writes all rows' keys and
+    values before any row attends, and a row attends to positions <= its own, so a drafted token sees the
+    ones before it as in a (g + 1)-token forward. Cheaper too: measured with SmolLM2-135M at a 400-token
+    context, 5 positions cost 2.1x a one-token step as flat rows against 2.4x as a 5-token forward in
+    float32 (int8, 4 positions: 1.6x vs 2.5x), before they shared the batch's forward at all."""
+    return sched.use_cache and _native_decode(sched.model, sched.cache)
 
 
 def _native_decode(model, cache) -> bool:
@@ -537,17 +516,13 @@ class SpecGroup:
         self.draft.start(self.seqs, self.cache_len)
 
     def round(self, sched) -> list:
-        """One draft-and-verify round in a target forward of its own (where verification cannot ride in the
-        scheduler's decode forward: see ``flat``); returns the scheduler's events of the committed tokens."""
+        """One draft-and-verify round in a (g + 1)-token target forward of its own (where verification cannot
+        ride in the scheduler's decode forward: see ``rides_decode``); returns the scheduler's events of the
+        committed tokens."""
         tokens, positions, valid = self.prepare(sched)
-        logits = _verify(sched.model, sched.cache, tokens, positions, valid, sched.cache.table_tensor(self.tables))
+        logits = sched.model(tokens, positions, sched.cache, valid=valid, logits_at="all",
+                             block_tables=sched.cache.table_tensor(self.tables))  # [W, g + 1, V]
         return self.commit(sched, logits)
-
-    def flat(self, sched) -> bool:
-        """Whether this round's verification can ride in the scheduler's one decode forward, as ``W * (g + 1)``
-        one-token rows beside the plain and beam rows (see ``_verify``: the native kernels write every row's
-        keys and values before any row attends, so each drafted token sees the ones before it)."""
-        return sched.use_cache and _native_decode(sched.model, sched.cache)
 
     def prepare(self, sched) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Propose this round's drafts and make their cache positions writable. Returns the verification

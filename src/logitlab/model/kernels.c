@@ -380,7 +380,18 @@ static int by_rank(const void *a, const void *b) {
     return better(*(const cand_t *)a, *(const cand_t *)b) ? -1 : 1;  /* ids are unique: never equal */
 }
 
-static void topk_row(const float *x, int64_t V, int64_t k, cand_t *buf, int64_t cap, float *vals, int64_t *ids) {
+/* Cut buf[0..n) back to its k best; returns the new threshold, the worst value kept. */
+static float cut(cand_t *buf, int64_t n, int64_t k) {
+    select_best(buf, n, k);
+    float thr = buf[0].v;
+    for (int64_t r = 1; r < k; r++) thr = buf[r].v < thr ? buf[r].v : thr;
+    return thr;
+}
+
+/* The k best entries of x[0..V) into buf[0..k), sorted (buf holds TOPK_CAP(k) candidates). */
+#define TOPK_CAP(k) (4 * (k) + 64)
+static void topk_row(const float *x, int64_t V, int64_t k, cand_t *buf) {
+    const int64_t cap = TOPK_CAP(k);
     int64_t n = 0;
     for (; n < k; n++) buf[n] = (cand_t){x[n], n};
     float thr = x[0];
@@ -393,38 +404,31 @@ static void topk_row(const float *x, int64_t V, int64_t k, cand_t *buf, int64_t 
             int j = __builtin_ctz(m);
             m &= m - 1;
             buf[n++] = (cand_t){x[i + j], i + j};
-            if (n == cap) {  /* cut back to the k best; the worst of them is the new threshold */
-                select_best(buf, n, k);
-                n = k;
-                thr = buf[0].v;
-                for (int64_t r = 1; r < k; r++) thr = buf[r].v < thr ? buf[r].v : thr;
-            }
+            if (n == cap) { thr = cut(buf, n, k); n = k; }  /* the worst kept is the new threshold */
         }
     }
 #endif
     for (; i < V; i++) {
         if (!(x[i] > thr)) continue;
         buf[n++] = (cand_t){x[i], i};
-        if (n == cap) {
-            select_best(buf, n, k);
-            n = k;
-            thr = buf[0].v;
-            for (int64_t r = 1; r < k; r++) thr = buf[r].v < thr ? buf[r].v : thr;
-        }
+        if (n == cap) { thr = cut(buf, n, k); n = k; }
     }
     select_best(buf, n, k);
     qsort(buf, k, sizeof(cand_t), by_rank);
-    for (int64_t r = 0; r < k; r++) { vals[r] = buf[r].v; ids[r] = buf[r].i; }
 }
 
-void topk_rows(const float *x, int64_t B, int64_t V, int64_t k, float *vals, int64_t *ids) {
-    int64_t cap = 4 * k + 64;
-#pragma omp parallel for if (B > 1)
+/* Returns 0, or -1 if a row's candidate buffer (~20 KB for k = 256) could not be had. */
+int topk_rows(const float *x, int64_t B, int64_t V, int64_t k, float *vals, int64_t *ids) {
+    int failed = 0;
+#pragma omp parallel for if (B > 1) reduction(| : failed)
     for (int64_t b = 0; b < B; b++) {
-        cand_t *buf = malloc(cap * sizeof(cand_t));
-        topk_row(x + b * V, V, k, buf, cap, vals + b * k, ids + b * k);
+        cand_t *buf = malloc(TOPK_CAP(k) * sizeof(cand_t));
+        if (!buf) { failed = 1; continue; }
+        topk_row(x + b * V, V, k, buf);
+        for (int64_t r = 0; r < k; r++) { vals[b * k + r] = buf[r].v; ids[b * k + r] = buf[r].i; }
         free(buf);
     }
+    return failed ? -1 : 0;
 }
 
 /* ---- sampling: temperature, top-p and the draw of one row, fused ----------------------------------
@@ -447,7 +451,8 @@ static int cand_by_id(const void *a, const void *b) {
 }
 
 static int sample_row(const float *x, int64_t V, float T, double top_p, double u, int64_t *token, float *raw_lp,
-                      float *proc_lp, uint8_t *failed, float *scratch, cand_t *buf) {
+                      float *proc_lp, uint8_t *failed, float *scratch) {
+    cand_t *buf = NULL;  /* top-p's candidates, sized for the prefix tried */
     float m = -INFINITY;
     for (int64_t i = 0; i < V; i++) {
         float v = x[i];
@@ -507,31 +512,29 @@ static int sample_row(const float *x, int64_t V, float T, double top_p, double u
         const double need = top_p * Z;
         int64_t K = V < 256 ? V : 256, n_keep = 0;
         for (;;) {
-            int64_t cap = K == V ? V : 4 * K + 64;
-            cand_t *c = buf;
+            cand_t *grown = realloc(buf, sizeof(cand_t) * (size_t)(K == V ? V : TOPK_CAP(K)));
+            if (!grown) { free(buf); return 2; }
+            buf = grown;
             if (K == V) {
-                for (int64_t i = 0; i < V; i++) c[i] = (cand_t){x[i] > -INFINITY ? x[i] : -INFINITY, i};
-                qsort(c, V, sizeof(cand_t), by_rank);
+                for (int64_t i = 0; i < V; i++) buf[i] = (cand_t){x[i], i};  /* no NaN here (checked above) */
+                qsort(buf, V, sizeof(cand_t), by_rank);
             } else {
-                float *vals = (float *)(buf + cap);  /* after the candidate buffer */
-                int64_t *ids = (int64_t *)(vals + K);
-                topk_row(x, V, K, buf, cap, vals, ids);
-                for (int64_t r = 0; r < K; r++) c[r] = (cand_t){vals[r], ids[r]};
+                topk_row(x, V, K, buf);
             }
             double cum = 0.0;
             int64_t cross = -1;
             for (int64_t r = 0; r < K; r++) {
-                cum += scratch[c[r].i];
+                cum += scratch[buf[r].i];
                 if (cum >= need) { cross = r; break; }
             }
             if (cross >= 0) {
-                const float pc = scratch[c[cross].i];
+                const float pc = scratch[buf[cross].i];
                 n_keep = cross + 1;
-                while (n_keep < K && scratch[c[n_keep].i] >= pc) n_keep++;
+                while (n_keep < K && scratch[buf[n_keep].i] >= pc) n_keep++;
                 if (n_keep < K || K == V) break;  /* else tied tokens may lie beyond the prefix */
             } else if (K == V) {  /* rounding left the mass short of top_p * Z: keep every token with mass */
                 n_keep = V;
-                while (n_keep > 1 && scratch[c[n_keep - 1].i] <= 0.0f) n_keep--;
+                while (n_keep > 1 && scratch[buf[n_keep - 1].i] <= 0.0f) n_keep--;
                 break;
             }
             K = K < 4096 && V > 4096 ? 4096 : V;
@@ -544,6 +547,7 @@ static int sample_row(const float *x, int64_t V, float T, double top_p, double u
             if (cum > target) { chosen = buf[r].i; break; }
         }
         if (chosen < 0) chosen = buf[n_keep - 1].i;
+        free(buf);
     }
     *token = chosen;
     *raw_lp = x[chosen] - lse_raw;
@@ -556,13 +560,11 @@ int sample_top_p_rows(const float *x, int64_t B, int64_t V, const float *T, cons
     int status = 0;
 #pragma omp parallel for if (B > 1) reduction(| : status)
     for (int64_t b = 0; b < B; b++) {
-        /* scratch: the row's weights, then candidates for up to the whole row (+ topk_row's outputs) */
-        size_t bytes = sizeof(float) * (size_t)V + sizeof(cand_t) * (size_t)(4 * V + 64) + 12 * 4096 + 64;
-        char *mem = malloc(bytes);
-        if (!mem) { status |= 2; continue; }
+        float *weights = malloc(sizeof(float) * (size_t)V);  /* the row's temperature-scaled weights */
+        if (!weights) { status |= 2; continue; }
         status |= sample_row(x + b * V, V, T[b], top_p[b], u[b], tokens + b, raw_lp + b, proc_lp + b, failed + b,
-                             (float *)mem, (cand_t *)(mem + sizeof(float) * (size_t)V));
-        free(mem);
+                             weights);
+        free(weights);
     }
     return status;
 }

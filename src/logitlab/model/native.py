@@ -113,7 +113,7 @@ def _library():
     lib.rope_store_paged.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i64, p, p]
     lib.rope_store_paged.restype = None
     lib.topk_rows.argtypes = [p, i64, i64, i64, p, p]
-    lib.topk_rows.restype = None
+    lib.topk_rows.restype = ctypes.c_int
     lib.sample_top_p_rows.argtypes = [p, i64, i64, p, p, p, p, p, p, p]
     lib.sample_top_p_rows.restype = ctypes.c_int
     return lib
@@ -286,7 +286,8 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"topk_rows takes contiguous float32 [B, V] and 0 < k <= V, got {tuple(x.shape)}, k={k}")
     B, V = x.shape
     vals, ids = torch.empty(B, k, device=x.device), torch.empty(B, k, dtype=torch.int64, device=x.device)
-    _library().topk_rows(x.data_ptr(), B, V, k, vals.data_ptr(), ids.data_ptr())
+    if _library().topk_rows(x.data_ptr(), B, V, k, vals.data_ptr(), ids.data_ptr()) != 0:
+        raise MemoryError("topk_rows: no scratch memory")
     return vals, ids
 
 

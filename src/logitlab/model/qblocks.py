@@ -282,11 +282,15 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return xq, xd, xs
 
 
+def _rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x~ = xd * xq, the activations as the kernels see them, in ``dtype``."""
+    xq, xd, _ = quantize_activations(x)
+    return (xq.to(dtype).view(xq.shape[0], -1, 32) * xd.to(dtype)[..., None]).view(xq.shape)
+
+
 def matmul_reference(x: torch.Tensor, qm: QMatrix) -> torch.Tensor:
     """float64 x~ @ W^T, x~ the rounded activations: what ``matmul`` computes, without its float32 sums."""
-    xq, xd, _ = quantize_activations(x)
-    xt = xq.double().view(xq.shape[0], -1, 32) * xd.double()[..., None]
-    return xt.view(xq.shape) @ dequantize(qm).double().T
+    return _rounded(x, torch.float64) @ dequantize(qm).double().T
 
 
 # ---- native ----------------------------------------------------------------------------------------
@@ -327,9 +331,7 @@ def matmul(x: torch.Tensor, qm: QMatrix, lib=None) -> torch.Tensor:
     x = _x2(x, qm)
     lib = _bind(lib) if lib is not None else _native()
     if lib is None:  # the same product in float32 (slow: the weights are dequantized on every call)
-        xq, xd, _ = quantize_activations(x)
-        xt = (xq.float().view(x.shape[0], -1, 32) * xd[..., None]).view(x.shape)
-        return xt @ dequantize(qm).T
+        return _rounded(x, torch.float32) @ dequantize(qm).T
     y = torch.empty(x.shape[0], qm.out_features)
     if x.shape[0] and qm.out_features:
         lib.qb_matmul(ctypes.byref(qm.struct()), x.data_ptr(), x.shape[0], y.data_ptr())

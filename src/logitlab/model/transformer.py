@@ -248,10 +248,10 @@ class Block(nn.Module):
         return self.post_attention_layernorm(h + self.mlp(h))
 
 
-def _host_plan(positions: torch.Tensor, valid: torch.Tensor, cache) -> tuple[int, bool]:
-    """What ``forward`` reads as Python values, from inputs still on the host: the number of keys attended
-    (with a cache) and whether the fused causal kernel applies (without one). The same expressions as
-    ``forward``'s own (masking padding first gives the same maximum)."""
+def _plan(positions: torch.Tensor, valid: torch.Tensor, cache) -> tuple[int, bool]:
+    """What ``forward`` reads as Python values, from its inputs before they move: the number of keys
+    attended (with a cache: the last valid position + 1; without: T) and whether the fused causal kernel
+    applies (no cache, no padding, contiguous positions)."""
     T = positions.shape[1]
     key_len = int(positions.masked_fill(~valid, -1).max()) + 1 if cache is not None else T
     causal = cache is None and bool(valid.all()) and T > 1
@@ -386,12 +386,11 @@ class Transformer(nn.Module):
                 return graphs(tokens, positions, cache, block_tables, valid)
         if valid is None:
             valid = torch.ones_like(tokens, dtype=torch.bool)
-        host = None
+        # What must be a Python value (the keys attended, whether the fused causal kernel applies) is read
+        # first: from inputs built on the host for a model on an accelerator, reading costs no device sync;
+        # then every input moves to the model's device once.
+        key_len, causal = _plan(positions, valid, cache)
         if tokens.device != dev:
-            # Inputs built on the host for a model on an accelerator: what must be a Python value (the keys
-            # attended, whether the fused causal kernel applies) is read here, where reading costs no device
-            # sync; then every input moves to the model's device once.
-            host = _host_plan(positions, valid, cache)
             tokens, positions, valid = tokens.to(dev), positions.to(dev), valid.to(dev)
             if block_tables is not None:
                 block_tables = block_tables.to(dev)
@@ -402,18 +401,15 @@ class Transformer(nn.Module):
             write_blocks = torch.where(valid, block_tables.gather(1, (positions // bs).clamp(max=W - 1)), SCRATCH)
             write_offsets = torch.where(valid, positions % bs, 0)
             positions = torch.where(valid, positions, 0)  # a padded query sees key 0 only; its output is unused
-            key_len = host[0] if host is not None else int(positions.masked_fill(~valid, -1).max()) + 1
             mask = torch.arange(key_len, device=positions.device).view(1, 1, 1, -1) <= positions.view(B, 1, T, 1)
         elif cache is not None:
             rows = rows if rows is not None else slice(0, B)
             positions = torch.where(valid, positions, cache.scratch)
-            key_len = host[0] if host is not None else int(positions.masked_fill(~valid, -1).max()) + 1
             key_pos = torch.arange(key_len, device=positions.device)
             # key j is visible to a query at position p iff j <= p: causal, and (since each row's real
             # positions are contiguous from 0) it also excludes the padding, which sits at `scratch`.
             mask = key_pos.view(1, 1, 1, -1) <= positions.view(B, 1, T, 1)
         else:
-            key_len = T
             # causal by position, and padded keys hidden; a padded query sees itself so no row is empty.
             mask = (positions.unsqueeze(1) <= positions.unsqueeze(2)) & valid.unsqueeze(1)
             mask = (mask | torch.eye(T, dtype=torch.bool, device=positions.device)).unsqueeze(1)  # [B, 1, T, T]
@@ -426,11 +422,6 @@ class Transformer(nn.Module):
                          and cache.dtype == torch.float32 and (paged or (isinstance(rows, slice)
                                                                          and rows.step in (None, 1)))
                          and _native_ok(tokens))
-        if host is not None:
-            causal = host[1]
-        else:
-            causal = cache is None and bool(valid.all()) and T > 1
-            causal = causal and bool((positions[:, 1:] - positions[:, :-1] == 1).all())
         step = Step(cos, sin, positions, key_len, mask, self.config.num_heads // self.config.num_kv_heads, rows,
                     native_decode, causal=causal)
         if paged:

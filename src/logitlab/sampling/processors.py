@@ -39,19 +39,27 @@ def _col(v: torch.Tensor) -> torch.Tensor:
 NATIVE_TOPK_MAX = 1024  # above this, the native kernel's selections cost more than torch's one topk
 
 
+def native_topk(x: torch.Tensor, k: int) -> bool:
+    """Whether ``topk(x, k)`` runs the native kernel: CPU float32 [B, V], 0 < k <= NATIVE_TOPK_MAX."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+            and 0 < k <= min(NATIVE_TOPK_MAX, x.shape[-1])):
+        return False
+    from ..model import native
+
+    return native.available()
+
+
 def topk(x: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``x.topk(k, -1, largest)`` of ``x [B, V]`` (no NaN), values sorted, ties to the lowest id. On the CPU
-    (float32, k <= NATIVE_TOPK_MAX) the native kernel (``native.topk_rows``): ~40 us for k = 257 of 49,152
-    logits where torch's topk spends ~190 us at any k, a good part of a 4 ms decode step; elsewhere torch's."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
-            and 0 < k <= min(NATIVE_TOPK_MAX, x.shape[-1])):
+    (``native_topk``) the native kernel (``native.topk_rows``): ~40 us for k = 257 of 49,152 logits where
+    torch's topk spends ~190 us at any k, a good part of a 4 ms decode step; elsewhere torch's."""
+    if native_topk(x, k):
         from ..model import native
 
-        if native.available():
-            if largest:
-                return native.topk_rows(x.contiguous(), k)
-            vals, ids = native.topk_rows(x.neg(), k)
-            return vals.neg_(), ids
+        if largest:
+            return native.topk_rows(x.contiguous(), k)
+        vals, ids = native.topk_rows(x.neg(), k)
+        return vals.neg_(), ids
     return x.topk(k, dim=-1, largest=largest)
 
 

@@ -351,31 +351,11 @@ class _Raw:
         return lp if self.empty is None else lp.masked_fill(self.empty.unsqueeze(-1), NEG_INF)
 
 
-ARGMAX_BLOCK = 256
-
-
 def first_argmax(x: torch.Tensor) -> torch.Tensor:
-    """``x.argmax(-1)`` of ``x [B, V]`` (the first index of each row's maximum; no NaN in ``x``), in two
-    levels: the maximum of each block of ARGMAX_BLOCK columns, then the first block holding the row's
-    maximum, then the first column of it that does. On the CPU torch's argmax walks a row element by
-    element (~85 us for 49,152 logits); the block maxima are one vectorised pass (~35 us in all)."""
-    B, V = x.shape
-    if x.device.type != "cpu" or V <= ARGMAX_BLOCK:
-        return x.argmax(-1)
-    if x.dtype == torch.float32:
-        from ..model import native
-
-        if native.available():  # the native top-1: one vectorised pass, ties to the lowest id (~10 us)
-            return P.topk(x, 1)[1].squeeze(-1)
-    nb = -(-V // ARGMAX_BLOCK)
-    if nb * ARGMAX_BLOCK != V:
-        x = torch.nn.functional.pad(x, (0, nb * ARGMAX_BLOCK - V), value=NEG_INF)
-    blocks = x.view(B, nb, ARGMAX_BLOCK)
-    bmax = blocks.amax(-1)  # [B, nb]
-    m = bmax.amax(-1, keepdim=True)
-    bi = (bmax == m).to(torch.uint8).argmax(-1)  # argmax over a few hundred bytes: the first block with it
-    inner = blocks[torch.arange(B, device=x.device), bi]  # [B, ARGMAX_BLOCK]
-    return bi * ARGMAX_BLOCK + (inner == m).to(torch.uint8).argmax(-1)
+    """``x.argmax(-1)`` of ``x [B, V]``: the first index of each row's maximum (no NaN in ``x``). On the CPU
+    the native top-1 (one vectorised pass, ties to the lowest id, ~10 us for 49,152 logits), where torch's
+    argmax walks the row element by element (~85 us)."""
+    return P.topk(x, 1)[1].squeeze(-1) if P.native_topk(x, 1) else x.argmax(-1)
 
 
 @dataclass
@@ -605,7 +585,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, *, output_counts: torch.T
     row's state (None: the initial 2 tau); the updated state is ``SamplerOutput.mirostat_mu``."""
     B, V = logits.shape
     num_generated, host_counters = _counters(num_generated, B, logits.device)
-    fused = _sample_fused(logits, batch, num_generated, host_counters, uniforms)
+    u = None  # the rows' uniforms, made when a draw needs them
+    if batch.fused is not None:
+        u = _uniforms(batch, num_generated, host_counters, uniforms, logits.device)
+    fused = _sample_fused(logits, batch, u)
     if fused is not None and fused[0] is None and not num_logprobs and not explain:
         # every row fused and nothing else asked for (no alternatives, no trace): the kernel's result is whole
         return replace(fused[1], mirostat_mu=mirostat_mu)
@@ -616,10 +599,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, *, output_counts: torch.T
         cols = torch.zeros(B, dtype=torch.long, device=logits.device)
         proc_lp = torch.zeros(B, device=logits.device)
     else:
-        if uniforms is None:
-            u = _row_uniforms(batch, num_generated, host_counters)
-        else:  # the caller's own uniforms, on the logits' device
-            u = uniforms if uniforms.device == logits.device else uniforms.to(logits.device)
+        if u is None:
+            u = _uniforms(batch, num_generated, host_counters, uniforms, logits.device)
         probs = torch.softmax(final.x, -1)  # final.x has no NaN / +inf, and a finite entry in every row
         cols = _draw(probs, u)
         # log of the final distribution without a [B, V] log_softmax: lse = max_i x_i - log(max_i p_i)
@@ -659,8 +640,15 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, *, output_counts: torch.T
                          trace=trace, mirostat_mu=mu)
 
 
-def _sample_fused(logits: torch.Tensor, b: SamplingBatch, num_generated: torch.Tensor, host_counters,
-                  uniforms: torch.Tensor | None):
+def _uniforms(b: SamplingBatch, num_generated: torch.Tensor, host_counters, uniforms: torch.Tensor | None,
+              device: torch.device) -> torch.Tensor:
+    """The rows' draw uniforms on ``device``: the caller's own, or hashed from (seed, counter)."""
+    if uniforms is None:
+        return _row_uniforms(b, num_generated, host_counters)
+    return uniforms if uniforms.device == device else uniforms.to(device)
+
+
+def _sample_fused(logits: torch.Tensor, b: SamplingBatch, u: torch.Tensor):
     """The rows that only use temperature and top-p (``SamplingBatch.fused``), sampled by the native fused
     kernel: the same distribution and draw as the pipeline below, in three passes over a row instead of
     some twenty tensor ops, and always by the kernel, so a row's token does not depend on its neighbours.
@@ -673,7 +661,6 @@ def _sample_fused(logits: torch.Tensor, b: SamplingBatch, num_generated: torch.T
 
     if not native.available():
         return None
-    u = _row_uniforms(b, num_generated, host_counters) if uniforms is None else uniforms
     every = bool(b.fused.all())
     rows = None if every else b.fused.nonzero().squeeze(-1)
     pick = (lambda t: t) if every else (lambda t: t.index_select(0, rows))
