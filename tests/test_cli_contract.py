@@ -127,6 +127,7 @@ BEFORE_LOAD = [
     (["serve", "--host", "no such host"], "host"),
     (["serve", "--served-model-name", ""], "served-model-name"),
     (["serve", "--log-level", "loud"], "arguments"),
+    (["generate", X, "--dtype", "gguf", "--activations", "int4"], "arguments"),
 ]
 
 NEEDS_MODEL = [
@@ -147,6 +148,8 @@ MODEL_PATHS = [
     (["classify", X, "--example", "a=p", "--example", "b=n", "--model", "no-such-model"], "model"),
     (["serve", "--model", "no-such-model", "--port", "0"], "model"),
     (["generate", X, "--model", "@bad_tokenizer_dir"], "tokenizer"),
+    (["generate", X, "--activations", "int8x2"], "activations"),  # gguf only: refused before loading
+    (["serve", "--activations", "int8x2", "--port", "0"], "activations"),
 ]
 
 

@@ -1,26 +1,22 @@
-"""``--dtype gguf`` on the real model: the weights are exactly the file's, greedy output equals float32's,
-logprobs stay within a documented tolerance, and the fused decode step equals the per-op path."""
+"""``--dtype gguf`` on the real model: the weights are exactly the file's; with two-level activations
+(``int8x2``) free-running greedy text equals float32's on a corpus; with llama.cpp's int8 rounding it does
+wherever float32's choice is clear (teacher-forced), logprobs within a documented tolerance; the fused
+decode step equals the per-op path."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from logitlab.bench_fidelity import CORPUS, first_difference, greedy
 from logitlab.engine import Engine
 from logitlab.model import decode_step, native
-from logitlab.model.gguf_model import BlockEmbedding, BlockLinear
+from logitlab.model.gguf_model import BlockEmbedding, BlockLinear, set_activations
 from logitlab.model.paged_cache import PagedKVCache
 from logitlab.sampling import ParamError, SamplingParams
 
 # Greedy prompts of several kinds (chat, prose, code, lists, facts); the first 32 tokens are compared.
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village by the sea,",
-    "def fibonacci(n):\n",
-    "Here is a list of five fruits:\n1.",
-    "The three laws of thermodynamics state that",
-    "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
-]
+PROMPTS = CORPUS[:6]
 # What int8 activations (rounded per block of 32, as llama.cpp does) cost against float32, measured
 # teacher-forced on this corpus through the decode path: a chosen token's logprob moves by up to ~0.46
 # nats and the mean KL(float32 || gguf) per token is 1.4e-3 to 4.0e-3 (int8 mode: 2.0e-3 to 6.7e-3).
@@ -35,6 +31,47 @@ MARGIN = 1.0
 @pytest.fixture(scope="module")
 def gguf_engine():
     return Engine.load(dtype="gguf", max_batch=8, max_len=512)
+
+
+@pytest.fixture
+def two_levels(gguf_engine):
+    """The module's engine with int8x2 activations for one test (then int8 again)."""
+    set_activations(gguf_engine.model, "int8x2")
+    yield gguf_engine
+    set_activations(gguf_engine.model, "int8")
+
+
+def test_two_level_activations_give_float32s_greedy_text(two_levels, real_engine):
+    """int8x2: the first 32 greedy tokens equal float32's on every prompt of the 30-prompt corpus, through
+    the engine's own paths (batched prefill, the fused decode step). int8 parts from float32 on some of the
+    same prompts (18 of 30 when measured), so the corpus can tell the two apart. float32's own top-two
+    margins go down to 0.005 nats here."""
+    want = greedy(real_engine, CORPUS, 32)
+    got = greedy(two_levels, CORPUS, 32)
+    differ = [(p, first_difference(a, b)) for p, a, b in zip(CORPUS, got, want, strict=True) if a != b]
+    assert not differ, f"int8x2 parts from float32 (prompt, first token): {differ}"
+    set_activations(two_levels.model, "int8")
+    one_level = greedy(two_levels, CORPUS, 32)
+    assert sum(a != b for a, b in zip(one_level, want, strict=True)) >= 3
+
+
+def test_activations_mode_is_checked_and_rebinds_the_fused_step(gguf_engine):
+    with pytest.raises(ParamError, match="activations"):
+        Engine.load(dtype="int8", activations="int8x2")
+    with pytest.raises(ParamError, match="activations"):
+        Engine.load(dtype="gguf", activations="int4")
+    with pytest.raises(ValueError, match="activations"):
+        set_activations(gguf_engine.model, "float")
+    model = gguf_engine.model
+    if decode_step.for_model(model) is None:
+        pytest.skip("no fused decode step in this build")
+    assert decode_step.for_model(model).struct.levels == 1
+    set_activations(model, "int8x2")
+    try:
+        assert decode_step.for_model(model).struct.levels == 2
+        assert {m.levels for m in model.modules() if isinstance(m, BlockLinear)} == {2}
+    finally:
+        set_activations(model, "int8")
 
 
 def test_every_matrix_is_the_files_own_weights(gguf_engine, real_model):
@@ -97,12 +134,17 @@ def test_greedy_decode_matches_float32_teacher_forced(gguf_engine, real_engine):
 
 
 @pytest.mark.skipif(not native.available(), reason="no native kernels")
-def test_fused_decode_step_equals_per_op_path_on_the_real_model(gguf_engine):
+@pytest.mark.parametrize("activations", ["int8", "int8x2"])
+def test_fused_decode_step_equals_per_op_path_on_the_real_model(gguf_engine, activations):
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=5)
-    assert decode_step.for_model(gguf_engine.model) is not None
-    fused = gguf_engine.generate(PROMPTS[:3], params)
-    with decode_step.disabled():
-        ref = gguf_engine.generate(PROMPTS[:3], params)
+    set_activations(gguf_engine.model, activations)
+    try:
+        assert decode_step.for_model(gguf_engine.model) is not None
+        fused = gguf_engine.generate(PROMPTS[:3], params)
+        with decode_step.disabled():
+            ref = gguf_engine.generate(PROMPTS[:3], params)
+    finally:
+        set_activations(gguf_engine.model, "int8")
     for a, b in zip(fused, ref, strict=True):
         assert a.choices[0].token_ids == b.choices[0].token_ids
         for x, y in zip(a.choices[0].token_logprobs, b.choices[0].token_logprobs, strict=True):
@@ -141,3 +183,9 @@ def test_gguf_dtype_needs_a_gguf_file(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="needs a GGUF file|model:"):
         load_gguf_model(tmp_path)
+
+
+def test_first_difference_names_the_first_token_that_parts():
+    assert first_difference([5, 6, 7], [5, 6, 8]) == 2
+    assert first_difference([5, 6, 7], [4, 6, 7]) == 0
+    assert first_difference([5, 6], [5, 6]) is None

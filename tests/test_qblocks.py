@@ -116,9 +116,11 @@ def check_matmul(y: torch.Tensor, xt: torch.Tensor, w_ref: torch.Tensor, qm: qbl
     assert (err <= bound[:R]).all(), f"max error {err.max():.3g}, bound {bound.max():.3g}"
 
 
-def x_tilde(x: torch.Tensor) -> torch.Tensor:
-    xq, xd, _ = qblocks.quantize_activations(x)
-    return (xq.double().view(x.shape[0], -1, 32) * xd.double()[..., None]).view(x.shape)
+def x_tilde(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
+    """The activations as the kernels see them, in float64: the sum of each row's levels."""
+    xq, xd, _ = qblocks.quantize_activations(x, levels)
+    each = (xq.double().view(xq.shape[0], -1, 32) * xd.double()[..., None]).view(xq.shape)
+    return each.view(x.shape[0], levels, -1).sum(1)
 
 
 # ---- the weights --------------------------------------------------------------------------------------
@@ -233,13 +235,35 @@ def test_activation_quantizer_by_hand():
     assert hd[0, 0] == 1.0 and hq[0, :9].tolist() == [127, 0, 2, 2, 0, -2, -2, 126, 3]
 
 
+def test_two_level_quantizer_rounds_the_first_levels_error():
+    """levels=2: row r's level 0 is the one-level rounding; level 1 is that rounding's error, rounded the
+    same way; together within max|x| / (127 * 254) of x per block, where one level is within max|x| / 254."""
+    x = activations(3, 96, 5)
+    q1, d1, s1 = qblocks.quantize_activations(x)
+    q2, d2, s2 = qblocks.quantize_activations(x, levels=2)
+    assert q2.shape == (6, 96) and d2.shape == (6, 3) and s2.shape == (6, 6)
+    assert torch.equal(q2[0::2], q1) and torch.equal(d2[0::2], d1) and torch.equal(s2[0::2], s1)
+    err = x.double() - (q1.double().view(3, 3, 32) * d1.double()[..., None]).view(3, 96)
+    lq, ld, _ = qblocks.quantize_activations(err.float())  # the error, exact in float32 here
+    assert torch.equal(q2[1::2], lq) and torch.equal(d2[1::2], ld)
+    amax = x.view(3, 3, 32).abs().amax(-1, keepdim=True).double()
+    one = (x_tilde(x) - x.double()).view(3, 3, 32).abs()
+    two = (x_tilde(x, 2) - x.double()).view(3, 3, 32).abs()
+    assert (one <= amax / 254 * (1 + 1e-6)).all() and (two <= amax / (127 * 254) * (1 + 1e-5)).all()
+    assert two.max() < one.max() / 50
+    assert (q2[0, :32] == 0).all() and (q2[1, :32] == 0).all() and d2[1, 0] == 0  # the zero block stays zero
+    with pytest.raises(ValueError, match="levels"):
+        qblocks.quantize_activations(x, levels=3)
+
+
 def test_native_activation_quantizer_equals_the_reference(lib, one_thread):
     for n in (32, 96, 576):
         x = activations(5, n, n)
-        got = qblocks.quantize_activations_native(x, lib)
-        want = qblocks.quantize_activations(x)
-        for a, b in zip(got, want, strict=True):
-            assert torch.equal(a, b)
+        for levels in (1, 2):
+            got = qblocks.quantize_activations_native(x, lib, levels)
+            want = qblocks.quantize_activations(x, levels)
+            for a, b in zip(got, want, strict=True):
+                assert torch.equal(a, b), (n, levels)
     h = torch.zeros(1, 32)
     h[0, :8] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5])
     assert qblocks.quantize_activations_native(h, lib)[0][0, :8].tolist() == [127, 0, 2, 2, 0, -2, -2, 126]
@@ -262,6 +286,30 @@ def test_block_matmul_equals_float64_product(lib, kind, one_thread):
             ref = reference(xt, w_ref, qm)
             for R in range(1, 17) if n_in == INS[kind][-2] else (1, 5, 16):
                 check_matmul(qblocks.matmul(x[:R], qm, lib=lib), xt[:R], w_ref, qm, ref)
+
+
+@pytest.mark.parametrize("kind", list(BLOCK))
+def test_two_level_block_matmul_equals_float64_product(lib, kind, one_thread):
+    """levels=2: an output row sums the products of its row's two levels (rows of x in passes of 16 never
+    split a pair); as exact as one level against its own x~, and ~100x nearer the unrounded product."""
+    n_in = INS[kind][-2]
+    x = activations(16, n_in, 3)
+    xt = x_tilde(x, 2)
+    for out in (17, 65):
+        raw = random_blocks(kind, out, n_in, seed=out)
+        qm = qblocks.repack(raw, kind, out, n_in)
+        w_ref = torch.from_numpy(gguf_weights(raw, kind)).double()
+        ref = reference(xt, w_ref, qm)
+        exact = x.double() @ w_ref.T
+        for R in (1, 3, 8, 9, 16):
+            y = qblocks.matmul(x[:R], qm, lib=lib, levels=2)
+            check_matmul(y, xt[:R], w_ref, qm, ref)
+            one = (qblocks.matmul(x[:R], qm, lib=lib) - exact[:R]).abs().max()
+            assert (y.double() - exact[:R]).abs().max() < one / 30
+        y = torch.full((5, out + 3), 0.5)  # accumulating into a strided output, as the fused step does
+        qblocks.matmul_rows(x[:5], qm, y, accumulate=True, lib=lib, levels=2)
+        assert (y[:, out:] == 0.5).all()
+        check_matmul(y[:, :out] - 0.5, xt[:5], w_ref, qm, ref)
 
 
 def test_threads_split_rows(lib):
@@ -329,10 +377,12 @@ def test_fallbacks_without_the_native_library():
     x = activations(2, 256, 0)
     with native.switched_off():
         y = qblocks.matmul(x, qm)
+        y2 = qblocks.matmul(x, qm, levels=2)
         rows = qblocks.dequant_rows(qm, torch.tensor([4, 1]))
         bf = qblocks.to_bfloat16(qm)
     w_ref = torch.from_numpy(gguf_weights(raw, "Q4_K"))
     check_matmul(y, x_tilde(x), w_ref.double(), qm)
+    check_matmul(y2, x_tilde(x, 2), w_ref.double(), qm)
     assert torch.equal(rows, w_ref[[4, 1]]) and torch.equal(bf, w_ref.to(torch.bfloat16))
 
 
@@ -387,6 +437,10 @@ def test_tiled_kernel_equals_float64_product(kind, every_row_count_tiled, one_th
             check_matmul(y, xt[:R], w_ref, qm, ref)
             y_rows = qblocks.matmul(x[:R], rows_only)
             assert torch.allclose(y, y_rows, rtol=1e-5, atol=1e-5 * float(y_rows.abs().max()))
+        xt2 = x_tilde(x, 2)
+        ref2 = reference(xt2, w_ref, qm)
+        for R in (1, 7, 8, 9, 21):  # two levels: 2R rows of x, in blocks of 16 that never split a pair
+            check_matmul(qblocks.matmul(x[:R], qm, levels=2), xt2[:R], w_ref, qm, ref2)
 
 
 def test_tiled_kernel_accumulates_into_strided_output_and_threads_split_tiles(every_row_count_tiled):

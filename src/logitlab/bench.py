@@ -14,8 +14,12 @@ Besides the peers, two figures of the same run are read against the machine itse
 - the sampling overhead at one stream: a scheduler decode step against the model forward inside it (and
   the sampler call inside it), greedy and top-p 0.95.
 
+With ``--dtype gguf`` the same engine is measured again with two-level activations (``int8x2``): 1-stream
+decode, 32 streams and prefill, read as ratios to int8's.
+
 ``logitlab bench --spec``: speculative decoding against plain decode on an input-grounded prompt
-(``bench_spec.py``).
+(``bench_spec.py``); ``logitlab bench --fidelity``: how often each quantized mode's greedy text is float32's
+(``bench_fidelity.py``).
 """
 
 from __future__ import annotations
@@ -277,10 +281,12 @@ def _llamacpp(gguf_path: str, tokens: int, prefill: int) -> dict | None:
 
 def _load_times(model: str, dtype: str) -> dict:
     """Cold (GGUF -> converted cache) and warm (memory-mapped cache) load, each in a fresh process so
-    imports and caches are counted honestly."""
-    code = ("import time,sys; t=time.perf_counter(); from logitlab.engine import Engine; "
+    imports and caches are counted honestly; of the warm one, also the part that ``import torch`` takes
+    (the interpreter's cost of any PyTorch program, whatever it loads) and the rest."""
+    code = ("import time,sys; t=time.perf_counter(); import torch; t1=time.perf_counter(); "
+            "from logitlab.engine import Engine; "
             f"Engine.load({model!r}, dtype={dtype!r}, max_batch=1, max_len=256); "
-            "print(time.perf_counter()-t)")
+            "print(t1-t, time.perf_counter()-t)")
     from .weights import resolve_model
 
     src = str(resolve_model(model))
@@ -296,7 +302,10 @@ def _load_times(model: str, dtype: str) -> dict:
             r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr else "load failed")
-            out[label] = float(r.stdout.strip().splitlines()[-1])
+            torch_s, total_s = map(float, r.stdout.strip().splitlines()[-1].split())
+            out[label] = total_s
+    out["warm_torch_import_s"] = torch_s
+    out["warm_load_past_torch_import_s"] = out["warm_load_s"] - torch_s
     return out
 
 
@@ -335,6 +344,15 @@ def run(args) -> dict:
     res["sampled_8_tok_s"] = _decode_rate(engine, args.tokens, 8, 0.8)
     res["sampled_32_tok_s"] = _decode_rate(engine, args.tokens, 32, 0.8)
     res["prefill_512_tok_s"] = prefill_rate(engine.model, 512)
+    if args.dtype == "gguf":  # the same engine with two-level activations, side by side
+        from .model.gguf_model import set_activations
+
+        set_activations(engine.model, "int8x2")
+        _decode_rate(engine, 8, 1, 0.0)
+        res["int8x2_decode_1_tok_s"] = _decode_rate(engine, args.tokens, 1, 0.0)
+        res["int8x2_sampled_32_tok_s"] = _decode_rate(engine, args.tokens, 32, 0.8)
+        res["int8x2_prefill_512_tok_s"] = prefill_rate(engine.model, 512)
+        set_activations(engine.model, "int8")
     if args.no_cache:
         nc = Engine(engine.model, engine.tokenizer, max_batch=1, max_len=1024, use_cache=False)
         res["no_kv_cache_decode_1_tok_s"] = _decode_rate(nc, args.tokens, 1, 0.0)
@@ -371,6 +389,12 @@ def report(res: dict) -> str:
     ratio("prefill 512 vs llama.cpp", "prefill_512_tok_s", "llamacpp_prefill_512_tok_s")
     ratio("KV cache vs no cache (1-stream decode)", "decode_1_tok_s", "no_kv_cache_decode_1_tok_s")
     ratio("native kernels vs PyTorch only (1-stream)", "decode_1_tok_s", "decode_1_pytorch_only_tok_s")
+    ratio("int8x2 vs int8: 1-stream decode", "int8x2_decode_1_tok_s", "decode_1_tok_s")
+    ratio("int8x2 vs int8: 32-stream sampled", "int8x2_sampled_32_tok_s", "sampled_32_tok_s")
+    ratio("int8x2 vs int8: prefill 512", "int8x2_prefill_512_tok_s", "prefill_512_tok_s")
+    ratio("int8x2 1-stream decode vs llama.cpp", "int8x2_decode_1_tok_s", "llamacpp_decode_1_tok_s")
+    ratio("int8x2 32-stream vs transformers 8-stream", "int8x2_sampled_32_tok_s", "hf_sampled_8_tok_s")
+    ratio("int8x2 prefill 512 vs llama.cpp", "int8x2_prefill_512_tok_s", "llamacpp_prefill_512_tok_s")
     fractions = []
 
     def fraction(label, key):
@@ -392,7 +416,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="logitlab bench", epilog="`logitlab bench --server -h`: serving benchmark; "
                                 "`logitlab bench --train -h`: training throughput; `logitlab bench --kv -h`: KV "
-                                "memory; `logitlab bench --spec -h`: speculative decoding")
+                                "memory; `logitlab bench --spec -h`: speculative decoding; `logitlab bench "
+                                "--fidelity -h`: greedy text against float32's")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dtype", default="int8", choices=DTYPES)
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
@@ -426,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench_gpu import main as gpu_main
 
         return gpu_main(argv)
+    if argv and argv[0] == "--fidelity":  # greedy text against float32's on a corpus (bench_fidelity.py)
+        from .bench_fidelity import main as fidelity_main
+
+        return fidelity_main(argv[1:])
     if argv and argv[0] == "--train":  # training throughput against transformers (bench_train.py)
         from .bench_train import main as train_main
 

@@ -46,6 +46,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                         "with --device cuda only)")
     p.add_argument("--exact-head", action="store_true",
                    help="with --dtype gguf: a float32 LM head (logits without activation rounding in the head)")
+    p.add_argument("--activations", default=None, choices=["int8", "int8x2"],
+                   help="with --dtype gguf: int8 (default, as llama.cpp) or int8x2 (two int8 levels, about 16 "
+                        "bits: greedy text equal to float32's; prefill and large batches about half as fast)")
     p.add_argument("--kv-memory", type=float, default=None, metavar="GB",
                    help="KV-cache budget in GB (default: enough for the batch, at most half the free memory)")
     p.add_argument("--device", default="cpu", metavar="DEVICE",
@@ -187,6 +190,8 @@ def _engine(a: argparse.Namespace, **kw):
         raise ParamError("kv_memory", f"must be a positive number of GB, got {kv}")
     if getattr(a, "exact_head", False):
         kw["exact_head"] = True
+    if getattr(a, "activations", None) is not None:
+        kw["activations"] = a.activations
     device = getattr(a, "device", "cpu")
     if a.dtype == "float16" and device == "cpu":
         raise CLIError("arguments: --dtype float16 runs on a GPU only (add --device cuda)")

@@ -130,7 +130,8 @@ def cmd_classify(a: argparse.Namespace) -> int:
     from .engine import Engine
     from .weights import DEFAULT_MODEL
 
-    engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, exact_head=getattr(a, "exact_head", False))
+    engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, exact_head=getattr(a, "exact_head", False),
+                         activations=getattr(a, "activations", None))
     results = classify(engine, examples, a.inputs, labels=labels, separator=a.separator)
     if a.json:
         print(json.dumps([{"input": r.input, "label": r.label, "probs": r.probs, "logprobs": r.logprobs}
@@ -155,7 +156,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
         from .engine import Engine
         from .weights import DEFAULT_MODEL
 
-        engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, exact_head=getattr(a, "exact_head", False))
+        engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, exact_head=getattr(a, "exact_head", False),
+                         activations=getattr(a, "activations", None))
     run_demo(a.name, engine=engine, plot=a.plot)
     return 0
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .decoding.scheduler import Request, Scheduler, TokenEvent
+from .model.gguf_model import set_activations
 from .model.paged_cache import kv_budget_tokens
+from .model.qblocks import ACTIVATION_LEVELS
 from .model.store import load_or_build
 from .model.transformer import Transformer
 from .sampling import ParamError, SamplingParams
@@ -147,9 +149,11 @@ class Engine:
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, dtype: str = "float32", exact_head: bool = False,
-             device: str | torch.device = "cpu", **kwargs) -> Engine:
+             device: str | torch.device = "cpu", activations: str | None = None, **kwargs) -> Engine:
         """Load a model by alias, ``.gguf`` path or Hugging Face directory. ``exact_head`` (gguf only): a
-        float32 LM head, so the logits carry no activation rounding in the head. ``device``: "cpu" (default),
+        float32 LM head, so the logits carry no activation rounding in the head. ``activations`` (gguf
+        only): "int8" (default, llama.cpp's rounding) or "int8x2" (two int8 levels, about 16 bits: greedy
+        text equal to float32's, prefill and large batches at about half the speed). ``device``: "cpu" (default),
         "cuda" or "cuda:N": the model, its KV cache and the sampling pipeline run there ("float16": GPU only;
         "gguf": CPU only). Everything is checked before anything is loaded."""
         if dtype not in DTYPES + DEVICE_DTYPES:
@@ -162,9 +166,13 @@ class Engine:
                                       f"on {dev} use float16, bfloat16 or int8")
         if exact_head and dtype != "gguf":
             raise ParamError("exact_head", f"applies to --dtype gguf only (the {dtype} head is not block-quantized)")
+        if activations is not None and dtype != "gguf":
+            raise ParamError("activations", f"applies to --dtype gguf only ({dtype} does not round activations)")
+        if activations is not None and activations not in ACTIVATION_LEVELS:
+            raise ParamError("activations", f"must be one of {', '.join(ACTIVATION_LEVELS)}, got {activations!r}")
         if dtype == "gguf":
             net, tokenizer, name = load_gguf_model(model, exact_head)
-            return cls(net, tokenizer, name=name, **kwargs)
+            return cls(set_activations(net, activations or "int8"), tokenizer, name=name, **kwargs)
         w = load_weights(model)
         if dtype == "float16":  # the float32 build (cached), halved on the device
             net = load_or_build(w.config, lambda: w.state_dict, "float32", w.source, cache_dir())

@@ -47,7 +47,7 @@ class StLayer(ctypes.Structure):
 
 class StModel(ctypes.Structure):
     _fields_ = [("n_layers", i64), ("C", i64), ("H", i64), ("K", i64), ("D", i64), ("F", i64), ("V", i64),
-                ("eps", ctypes.c_float), ("pad", ctypes.c_int32), ("embed_kind", i64), ("embed_f32", p),
+                ("eps", ctypes.c_float), ("levels", ctypes.c_int32), ("embed_kind", i64), ("embed_f32", p),
                 ("embed_q", QbMat), ("final_norm", p), ("head", StWeight), ("layers", ctypes.POINTER(StLayer))]
 
 
@@ -113,8 +113,11 @@ class FusedDecode:
             getattr(layers[i], n).kind for i in range(c.num_layers) for n in ("o", "gate_up", "down")}
         if len(kinds) != 1:  # the step quantizes activations for all a layer's matmuls or none
             raise _Unsupported
+        levels = {mod.levels for mod in model.modules() if isinstance(mod, BlockLinear)}
+        if len(levels) > 1:  # one quantization of each activation serves all its matmuls
+            raise _Unsupported
         m = StModel(c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
-                    c.vocab_size, c.rms_norm_eps, 0)
+                    c.vocab_size, c.rms_norm_eps, levels.pop() if levels else 1)
         emb = model.model.embed_tokens
         if isinstance(emb, BlockEmbedding):
             m.embed_kind, m.embed_q = ST_BLOCKS, emb.table.struct()

@@ -40,6 +40,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -98,52 +99,67 @@ static ALWAYS_INLINE int code_at(const uint8_t *c, int bits, int64_t in, int64_t
    fraction bits), the same rounding as torch.round and the vector path's roundscale */
 static ALWAYS_INLINE float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
 
-void qb_quantize(const float *x, int64_t R, int64_t in, int8_t *xq, float *xd, float *xs) {
-    for (int64_t r = 0; r < R; r++) {
-        const float *xr = x + r * in;
-        int8_t *qr = xq + r * in;
-        float *dr = xd + r * (in / 32), *sr = xs + r * (in / 16);
-        for (int64_t b = 0; b < in / 32; b++) {
-            const float *v = xr + b * 32;
-            int8_t *q = qr + b * 32;
+/* One block of 32 values: q = round(v / d) with d = max|v| / 127 (*dp), and s[h] = d * sum(q) over each
+   half of 16. */
+static ALWAYS_INLINE void quantize_block(const float *v, int8_t *q, float *dp, float *s) {
 #ifdef QB_AVX512
-            __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
-            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-            float d = amax / 127.0f;
-            dr[b] = d;
-            if (d == 0.0f) {
-                memset(q, 0, 32);
-                sr[2 * b] = sr[2 * b + 1] = 0.0f;
-                continue;
-            }
-            __m512 vd = _mm512_set1_ps(d), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-            __m512i q0 = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_roundscale_ps(
-                _mm512_div_ps(v0, vd), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))));
-            __m512i q1 = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_roundscale_ps(
-                _mm512_div_ps(v1, vd), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))));
-            _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
-            _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
-            sr[2 * b] = d * (float)_mm512_reduce_add_epi32(q0);
-            sr[2 * b + 1] = d * (float)_mm512_reduce_add_epi32(q1);
+    __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    float d = amax / 127.0f;
+    *dp = d;
+    if (d == 0.0f) {
+        memset(q, 0, 32);
+        s[0] = s[1] = 0.0f;
+        return;
+    }
+    __m512 vd = _mm512_set1_ps(d), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    __m512i q0 = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_roundscale_ps(
+        _mm512_div_ps(v0, vd), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))));
+    __m512i q1 = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_roundscale_ps(
+        _mm512_div_ps(v1, vd), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))));
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
+    s[0] = d * (float)_mm512_reduce_add_epi32(q0);
+    s[1] = d * (float)_mm512_reduce_add_epi32(q1);
 #else
-            float amax = 0.0f;
-            for (int i = 0; i < 32; i++) {
-                float a = v[i] < 0 ? -v[i] : v[i];
-                amax = a > amax ? a : amax;
-            }
-            float d = amax / 127.0f;
-            dr[b] = d;
-            for (int h = 0; h < 2; h++) {
-                int sum = 0;
-                for (int i = 16 * h; i < 16 * h + 16; i++) {
-                    float t = d == 0.0f ? 0.0f : round_even(v[i] / d);
-                    t = t > 127.0f ? 127.0f : t < -127.0f ? -127.0f : t;
-                    q[i] = (int8_t)t;
-                    sum += q[i];
-                }
-                sr[2 * b + h] = d * (float)sum;
-            }
+    float amax = 0.0f;
+    for (int i = 0; i < 32; i++) {
+        float a = v[i] < 0 ? -v[i] : v[i];
+        amax = a > amax ? a : amax;
+    }
+    float d = amax / 127.0f;
+    *dp = d;
+    for (int h = 0; h < 2; h++) {
+        int sum = 0;
+        for (int i = 16 * h; i < 16 * h + 16; i++) {
+            float t = d == 0.0f ? 0.0f : round_even(v[i] / d);
+            t = t > 127.0f ? 127.0f : t < -127.0f ? -127.0f : t;
+            q[i] = (int8_t)t;
+            sum += q[i];
+        }
+        s[h] = d * (float)sum;
+    }
 #endif
+}
+
+/* R rows of x [R, in] -> levels * R rows of (xq [in], xd [in / 32], xs [in / 16]): row r's level j is row
+   levels * r + j. Level 0 is x rounded as above; level 1 (levels == 2) is its rounding error
+   e = x - xd * xq (one rounding: an FMA) rounded the same way, so x ~= xd0 * xq0 + xd1 * xq1 to about
+   16 bits (a block's error is at most max|x| / (127 * 254)) at twice the integer work. */
+void qb_quantize(const float *x, int64_t R, int64_t in, int levels, int8_t *xq, float *xd, float *xs) {
+    const int64_t nb = in / 32;
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t row = r * levels;
+        for (int64_t b = 0; b < nb; b++) {
+            const float *v = x + r * in + b * 32;
+            int8_t *q = xq + row * in + b * 32;
+            float *d = xd + row * nb + b, *s = xs + row * 2 * nb + 2 * b;
+            quantize_block(v, q, d, s);
+            if (levels == 2) {
+                float e[32];
+                for (int i = 0; i < 32; i++) e[i] = fmaf(-d[0], (float)q[i], v[i]);
+                quantize_block(e, q + in, d + nb, s + 2 * nb);
+            }
         }
     }
 }
@@ -306,7 +322,7 @@ static ALWAYS_INLINE void row_dot(const int BITS, const int GROUP, const int R, 
 /* The output rows split between the threads of the caller's parallel region (or all here, serially). */
 static ALWAYS_INLINE void rows_body(const int BITS, const int GROUP, const int R, const qb_mat *w,
                                     const int8_t *xq, const float *xd, const float *xs, float *y, int64_t ys,
-                                    int accumulate) {
+                                    int accumulate, int levels) {
     const int64_t in = w->in, ng = in / GROUP, row_bytes = in * BITS / 8;
     const int f32 = w->scale_f32;
     const char *d = (const char *)w->d, *m = (const char *)w->m;
@@ -317,21 +333,24 @@ static ALWAYS_INLINE void rows_body(const int BITS, const int GROUP, const int R
         const char *ahead = (const char *)(w->codes + o * row_bytes) + QB_PREFETCH;
         for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);
         row_dot(BITS, GROUP, R, w->codes + o * row_bytes, d + o * sbytes, m + o * sbytes, f32, in, xq, xd, xs, res);
-        for (int r = 0; r < R; r++) y[r * ys + o] = accumulate ? y[r * ys + o] + res[r] : res[r];
+        for (int r = 0; r < R; r += levels) {  /* an output row: the sum of its x rows' levels */
+            float v = levels == 2 ? res[r] + res[r + 1] : res[r], *yo = y + r / levels * ys + o;
+            *yo = accumulate ? *yo + v : v;
+        }
     }
 }
 
 #define ROWS(B, G, R)                                                                                        \
     static void rows_##B##_##G##_##R(const qb_mat *w, const int8_t *xq, const float *xd, const float *xs,    \
-                                     float *y, int64_t ys, int acc) {                                        \
-        rows_body(B, G, R, w, xq, xd, xs, y, ys, acc);                                                       \
+                                     float *y, int64_t ys, int acc, int lv) {                                \
+        rows_body(B, G, R, w, xq, xd, xs, y, ys, acc, lv);                                                   \
     }
 #define ROWS_ALL(B, G)                                                                                       \
     ROWS(B, G, 1) ROWS(B, G, 2) ROWS(B, G, 3) ROWS(B, G, 4) ROWS(B, G, 5) ROWS(B, G, 6) ROWS(B, G, 7)         \
     ROWS(B, G, 8) ROWS(B, G, 9) ROWS(B, G, 10) ROWS(B, G, 11) ROWS(B, G, 12) ROWS(B, G, 13) ROWS(B, G, 14)   \
     ROWS(B, G, 15) ROWS(B, G, 16)                                                                            \
     typedef void (*rows_fn_##B##_##G)(const qb_mat *, const int8_t *, const float *, const float *, float *, \
-                                      int64_t, int);                                                         \
+                                      int64_t, int, int);                                                    \
     static const rows_fn_##B##_##G rows_##B##_##G[QB_TILE] = {                                               \
         rows_##B##_##G##_1, rows_##B##_##G##_2, rows_##B##_##G##_3, rows_##B##_##G##_4,                      \
         rows_##B##_##G##_5, rows_##B##_##G##_6, rows_##B##_##G##_7, rows_##B##_##G##_8,                      \
@@ -401,7 +420,8 @@ static ALWAYS_INLINE __m512i group_dot(const __m512i *W, const int8_t *xb) {
    L1 after it. */
 static ALWAYS_INLINE void tile_block(const int BITS, const int R, const uint8_t *tc, const float *td,
                                      const float *tm, int64_t units, int64_t in, const int8_t *xq,
-                                     const float *xd, const float *xs, float *y, int64_t ys, int accumulate) {
+                                     const float *xd, const float *xs, float *y, int64_t ys, int accumulate,
+                                     int levels) {
     const int64_t ng = in / 32, nxs = in / 16;
     const __m512i nib = _mm512_set1_epi8(0x0F);
     __m512 acc[QB_TILE_BLOCK];
@@ -426,18 +446,20 @@ static ALWAYS_INLINE void tile_block(const int BITS, const int R, const uint8_t 
             }
         }
     }
-    for (int r = 0; r < R; r++) {
-        float *yr = y + r * ys;
-        _mm512_storeu_ps(yr, accumulate ? _mm512_add_ps(_mm512_loadu_ps(yr), acc[r]) : acc[r]);
+    for (int r = 0; r < R; r += levels) {  /* an output row: the sum of its x rows' levels */
+        float *yr = y + r / levels * ys;
+        __m512 v = levels == 2 ? _mm512_add_ps(acc[r], acc[r + 1]) : acc[r];
+        _mm512_storeu_ps(yr, accumulate ? _mm512_add_ps(_mm512_loadu_ps(yr), v) : v);
     }
 }
 
 typedef void (*tile_fn)(const uint8_t *, const float *, const float *, int64_t, int64_t, const int8_t *,
-                        const float *, const float *, float *, int64_t, int);
+                        const float *, const float *, float *, int64_t, int, int);
 #define TBLOCK(B, R)                                                                                         \
     static void tile_##B##_##R(const uint8_t *tc, const float *td, const float *tm, int64_t units, int64_t in, \
-                               const int8_t *xq, const float *xd, const float *xs, float *y, int64_t ys, int a) { \
-        tile_block(B, R, tc, td, tm, units, in, xq, xd, xs, y, ys, a);                                       \
+                               const int8_t *xq, const float *xd, const float *xs, float *y, int64_t ys, int a, \
+                               int lv) {                                                             \
+        tile_block(B, R, tc, td, tm, units, in, xq, xd, xs, y, ys, a, lv);                                   \
     }
 #define TBLOCK_ALL(B)                                                                                        \
     TBLOCK(B, 1) TBLOCK(B, 2) TBLOCK(B, 3) TBLOCK(B, 4) TBLOCK(B, 5) TBLOCK(B, 6) TBLOCK(B, 7) TBLOCK(B, 8)   \
@@ -450,20 +472,20 @@ typedef void (*tile_fn)(const uint8_t *, const float *, const float *, int64_t, 
 TBLOCK_ALL(4)
 TBLOCK_ALL(8)
 
-/* All R rows of x against the tiled matrix, the tiles split between the threads (an orphaned omp for, as
-   rows_body): each tile's codes are read from memory once, whatever R. */
-static void tiles_run(const qb_mat *w, const int8_t *xq, const float *xd, const float *xs, int64_t R, float *y,
-                      int64_t ys, int accumulate) {
+/* All X rows of x (levels to an output row) against the tiled matrix, the tiles split between the threads
+   (an orphaned omp for, as rows_body): each tile's codes are read from memory once, whatever X. */
+static void tiles_run(const qb_mat *w, const int8_t *xq, const float *xd, const float *xs, int64_t X, int levels,
+                      float *y, int64_t ys, int accumulate) {
     const int64_t in = w->in, units = in * w->bits / 8 / 32, ng = in / 32;
     const tile_fn *fns = w->bits == 4 ? tiles_4 : tiles_8;
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < w->out / 16; t++) {
         const uint8_t *tc = w->tile_codes + t * units * 512;
         const float *td = w->tile_d + t * ng * 16, *tm = w->tile_m + t * ng * 16;
-        for (int64_t r0 = 0; r0 < R; r0 += QB_TILE_BLOCK) {
-            int n = R - r0 < QB_TILE_BLOCK ? (int)(R - r0) : QB_TILE_BLOCK;
-            fns[n - 1](tc, td, tm, units, in, xq + r0 * in, xd + r0 * ng, xs + r0 * (in / 16), y + r0 * ys + 16 * t,
-                       ys, accumulate);
+        for (int64_t r0 = 0; r0 < X; r0 += QB_TILE_BLOCK) {  /* an even block: an output's levels stay together */
+            int n = X - r0 < QB_TILE_BLOCK ? (int)(X - r0) : QB_TILE_BLOCK;
+            fns[n - 1](tc, td, tm, units, in, xq + r0 * in, xd + r0 * ng, xs + r0 * (in / 16),
+                       y + r0 / levels * ys + 16 * t, ys, accumulate, levels);
         }
     }
 }
@@ -476,36 +498,38 @@ static int64_t tile_rows = QB_TILE_ROWS;
 void qb_set_tile_rows(int64_t rows) { tile_rows = rows; }
 
 /* Supported: (bits 4, group 32), (bits 8, group 32), (bits 8, group 16), float16 or float32 scales;
-   in a multiple of 32 (qblocks.py checks all this). More than 16 rows: one pass per 16. */
-void qb_matmul_rows(const qb_mat *w, const int8_t *xq, const float *xd, const float *xs, int64_t R, float *y,
-                    int64_t y_stride, int accumulate) {
-    const int64_t in = w->in;
+   in a multiple of 32 (qblocks.py checks all this). R output rows from levels * R rows of x as qb_quantize
+   made them (levels 1 or 2). More than 16 rows of x: one pass per 16. */
+void qb_matmul_rows(const qb_mat *w, const int8_t *xq, const float *xd, const float *xs, int64_t R, int levels,
+                    float *y, int64_t y_stride, int accumulate) {
+    const int64_t in = w->in, X = R * levels;
 #ifdef QB_AVX512
-    if (w->tile_codes != NULL && R >= tile_rows) {  /* one kernel for every row of this batch */
-        tiles_run(w, xq, xd, xs, R, y, y_stride, accumulate);
+    if (w->tile_codes != NULL && X >= tile_rows) {  /* one kernel for every row of this batch */
+        tiles_run(w, xq, xd, xs, X, levels, y, y_stride, accumulate);
         return;
     }
 #endif
-    for (int64_t r0 = 0; r0 < R; r0 += QB_TILE) {
-        int n = R - r0 < QB_TILE ? (int)(R - r0) : QB_TILE;
+    for (int64_t r0 = 0; r0 < X; r0 += QB_TILE) {  /* QB_TILE is even: an output's levels stay together */
+        int n = X - r0 < QB_TILE ? (int)(X - r0) : QB_TILE;
         const int8_t *q = xq + r0 * in;
         const float *dd = xd + r0 * (in / 32), *ss = xs + r0 * (in / 16);
-        float *yy = y + r0 * y_stride;
-        if (w->bits == 4) rows_4_32[n - 1](w, q, dd, ss, yy, y_stride, accumulate);
-        else if (w->group == 32) rows_8_32[n - 1](w, q, dd, ss, yy, y_stride, accumulate);
-        else rows_8_16[n - 1](w, q, dd, ss, yy, y_stride, accumulate);
+        float *yy = y + r0 / levels * y_stride;
+        if (w->bits == 4) rows_4_32[n - 1](w, q, dd, ss, yy, y_stride, accumulate, levels);
+        else if (w->group == 32) rows_8_32[n - 1](w, q, dd, ss, yy, y_stride, accumulate, levels);
+        else rows_8_16[n - 1](w, q, dd, ss, yy, y_stride, accumulate, levels);
     }
 }
 
-/* x [R, in] float32 -> y [R, out]: quantize, then one parallel region over the output rows. */
-void qb_matmul(const qb_mat *w, const float *x, int64_t R, float *y) {
-    const int64_t in = w->in;
-    int8_t *xq = malloc((size_t)(R * in) + 64);
-    float *xd = malloc(sizeof(float) * (size_t)(R * in / 32) + 64), *xs = malloc(sizeof(float) * (size_t)(R * in / 16) + 64);
+/* x [R, in] float32 -> y [R, out]: quantize (to ``levels`` int8 levels), then one parallel region over the
+   output rows. */
+void qb_matmul(const qb_mat *w, const float *x, int64_t R, int levels, float *y) {
+    const int64_t in = w->in, X = R * levels;
+    int8_t *xq = malloc((size_t)(X * in) + 64);
+    float *xd = malloc(sizeof(float) * (size_t)(X * in / 32) + 64), *xs = malloc(sizeof(float) * (size_t)(X * in / 16) + 64);
     if (xq && xd && xs) {
-        qb_quantize(x, R, in, xq, xd, xs);
+        qb_quantize(x, R, in, levels, xq, xd, xs);
         #pragma omp parallel
-        qb_matmul_rows(w, xq, xd, xs, R, y, w->out, 0);
+        qb_matmul_rows(w, xq, xd, xs, R, levels, y, w->out, 0);
     }
     free(xq);
     free(xd);

@@ -16,10 +16,10 @@ typedef struct {
     const float *tile_m;
 } qb_mat;
 
-void qb_quantize(const float *x, int64_t R, int64_t in, int8_t *xq, float *xd, float *xs);
-void qb_matmul_rows(const qb_mat *w, const int8_t *xq, const float *xd, const float *xs, int64_t R, float *y,
-                    int64_t y_stride, int accumulate);
-void qb_matmul(const qb_mat *w, const float *x, int64_t R, float *y);
+void qb_quantize(const float *x, int64_t R, int64_t in, int levels, int8_t *xq, float *xd, float *xs);
+void qb_matmul_rows(const qb_mat *w, const int8_t *xq, const float *xd, const float *xs, int64_t R, int levels,
+                    float *y, int64_t y_stride, int accumulate);
+void qb_matmul(const qb_mat *w, const float *x, int64_t R, int levels, float *y);
 void qb_dequant_rows(const qb_mat *w, const int64_t *ids, int64_t n, float *out);
 void qb_dequant_bf16(const qb_mat *w, uint16_t *out);
 int qb_tile_ok(const qb_mat *w);

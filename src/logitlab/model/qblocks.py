@@ -36,6 +36,12 @@ The activations are rounded as llama.cpp rounds them: per block of 32, ``xd = ma
 products (u8 x s8, AVX-512 VNNI) with one float multiply-add per group. ``matmul_reference`` computes
 the same in float64 from the torch references below, which are what the C is tested against.
 
+With ``levels=2`` (``--activations int8x2``) each row of x becomes two int8 rows: the rounding above, and
+the same rounding of its error ``x - xd * xq``. Their products are summed into one output row, so ``x~``
+is ``x`` to about 16 bits (greedy text equal to float32's, tests/test_gguf_dtype.py) for twice the integer
+work: a little at one decode row, which is bound by reading the weights, and twice at prefill and large
+batches, which are bound by the dot products (BENCHMARKS.md).
+
 Where the native library cannot be built (``native.available()`` False) every function here runs its
 PyTorch reference instead: slower, same results (to float32 rounding in ``matmul``).
 """
@@ -56,6 +62,10 @@ from . import native
 # copy (``QMatrix.tile``) takes any number of rows: 2x the GEMM's prefill rate.
 MAX_ROWS = 16
 KERNELS = ((4, 32), (8, 32), (8, 16))  # (bits, group) the C kernels implement
+# How the activations are rounded (``Engine.load(activations=...)``): the int8 levels per block of 32.
+# "int8" is llama.cpp's rounding; "int8x2" adds a second int8 level for the first one's error (about 16 bits:
+# greedy text equals float32's where int8's parts from it at near-ties) at twice the integer work.
+ACTIVATION_LEVELS = {"int8": 1, "int8x2": 2}
 
 # bytes per block and elements per block of each GGUF type computed on as it is
 _BLOCK = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q8_0": (34, 32), "Q4_K": (144, 256), "Q6_K": (210, 256)}
@@ -265,10 +275,19 @@ def dequantize(qm: QMatrix, rows: torch.Tensor | None = None) -> torch.Tensor:
     return (c * d[..., None] + m[..., None]).view(d.shape[0], qm.in_features)
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [R, in] float32 (in a multiple of 32) -> (xq int8 [R, in], xd [R, in / 32], xs [R, in / 16]),
-    rounded exactly as qb_quantize rounds."""
+def quantize_activations(x: torch.Tensor, levels: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [R, in] float32 (in a multiple of 32) -> (xq int8 [L R, in], xd [L R, in / 32], xs [L R, in / 16]),
+    rounded exactly as qb_quantize rounds; L = ``levels``, row r's level j at row L r + j. Level 1 (``levels``
+    2) rounds level 0's error, ``x - xd * xq`` (computed in float64, then rounded once to float32: what the
+    C's FMA gives), the same way."""
+    if levels not in ACTIVATION_LEVELS.values():
+        raise ValueError(f"model: activation levels must be 1 or 2, got {levels!r}")
     x = x.float().contiguous()
+    if levels == 2:
+        q0, d0, s0 = quantize_activations(x)
+        err = (x.double().view(x.shape[0], -1, 32) - q0.double().view(x.shape[0], -1, 32) * d0.double()[..., None])
+        q1, d1, s1 = quantize_activations(err.float().view(x.shape))
+        return tuple(torch.stack([a, b], dim=1).flatten(0, 1) for a, b in ((q0, q1), (d0, d1), (s0, s1)))
     R, n = x.shape
     blocks = x.view(R, n // 32, 32)
     amax = blocks.abs().amax(-1)
@@ -282,15 +301,16 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return xq, xd, xs
 
 
-def _rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x~ = xd * xq, the activations as the kernels see them, in ``dtype``."""
-    xq, xd, _ = quantize_activations(x)
-    return (xq.to(dtype).view(xq.shape[0], -1, 32) * xd.to(dtype)[..., None]).view(xq.shape)
+def _rounded(x: torch.Tensor, dtype: torch.dtype, levels: int = 1) -> torch.Tensor:
+    """x~ = sum over levels of xd * xq, the activations as the kernels see them, in ``dtype``."""
+    xq, xd, _ = quantize_activations(x, levels)
+    each = (xq.to(dtype).view(xq.shape[0], -1, 32) * xd.to(dtype)[..., None]).view(xq.shape)
+    return each.view(-1, levels, xq.shape[1]).sum(1)
 
 
-def matmul_reference(x: torch.Tensor, qm: QMatrix) -> torch.Tensor:
+def matmul_reference(x: torch.Tensor, qm: QMatrix, levels: int = 1) -> torch.Tensor:
     """float64 x~ @ W^T, x~ the rounded activations: what ``matmul`` computes, without its float32 sums."""
-    return _rounded(x, torch.float64) @ dequantize(qm).double().T
+    return _rounded(x, torch.float64, levels) @ dequantize(qm).double().T
 
 
 # ---- native ----------------------------------------------------------------------------------------
@@ -300,9 +320,9 @@ def matmul_reference(x: torch.Tensor, qm: QMatrix) -> torch.Tensor:
 def _bind(lib):
     """lib with qblocks.c's argument types declared (once per library)."""
     p, i64, mat = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(QbMat)
-    lib.qb_quantize.argtypes = [p, i64, i64, p, p, p]
-    lib.qb_matmul_rows.argtypes = [mat, p, p, p, i64, p, i64, ctypes.c_int]
-    lib.qb_matmul.argtypes = [mat, p, i64, p]
+    lib.qb_quantize.argtypes = [p, i64, i64, ctypes.c_int, p, p, p]
+    lib.qb_matmul_rows.argtypes = [mat, p, p, p, i64, ctypes.c_int, p, i64, ctypes.c_int]
+    lib.qb_matmul.argtypes = [mat, p, i64, ctypes.c_int, p]
     lib.qb_dequant_rows.argtypes = [mat, p, i64, p]
     lib.qb_dequant_bf16.argtypes = [mat, p]
     lib.qb_tile.argtypes = [mat, p, p, p]
@@ -325,20 +345,21 @@ def _x2(x: torch.Tensor, qm: QMatrix) -> torch.Tensor:
     return x.contiguous()
 
 
-def matmul(x: torch.Tensor, qm: QMatrix, lib=None) -> torch.Tensor:
-    """x [R, in] float32 @ W^T -> [R, out] float32, the activations rounded per block of 32 (module
-    docstring). ``lib``: a library built from qblocks.c (tests); default the native one."""
+def matmul(x: torch.Tensor, qm: QMatrix, lib=None, levels: int = 1) -> torch.Tensor:
+    """x [R, in] float32 @ W^T -> [R, out] float32, the activations rounded per block of 32 to ``levels``
+    int8 levels (module docstring). ``lib``: a library built from qblocks.c (tests); default the native one."""
     x = _x2(x, qm)
     lib = _bind(lib) if lib is not None else _native()
     if lib is None:  # the same product in float32 (slow: the weights are dequantized on every call)
-        return _rounded(x, torch.float32) @ dequantize(qm).T
+        return _rounded(x, torch.float32, levels) @ dequantize(qm).T
     y = torch.empty(x.shape[0], qm.out_features)
     if x.shape[0] and qm.out_features:
-        lib.qb_matmul(ctypes.byref(qm.struct()), x.data_ptr(), x.shape[0], y.data_ptr())
+        lib.qb_matmul(ctypes.byref(qm.struct()), x.data_ptr(), x.shape[0], levels, y.data_ptr())
     return y
 
 
-def matmul_rows(x: torch.Tensor, qm: QMatrix, y: torch.Tensor, accumulate: bool = False, lib=None) -> torch.Tensor:
+def matmul_rows(x: torch.Tensor, qm: QMatrix, y: torch.Tensor, accumulate: bool = False, lib=None,
+                levels: int = 1) -> torch.Tensor:
     """``qb_matmul_rows`` (quantize here, serial: outside a parallel region) into y [R, >= out] float32,
     rows contiguous, its first ``out`` columns written (``accumulate``: added to). For tests."""
     x = _x2(x, qm)
@@ -346,21 +367,25 @@ def matmul_rows(x: torch.Tensor, qm: QMatrix, y: torch.Tensor, accumulate: bool 
     if y.dtype != torch.float32 or y.dim() != 2 or y.shape[0] != x.shape[0] or y.shape[1] < qm.out_features \
             or y.stride(1) != 1:
         raise ValueError("model: matmul_rows writes a float32 y [R, >= out] with contiguous rows")
-    xq, xd, xs = quantize_activations_native(x, lib)
-    lib.qb_matmul_rows(ctypes.byref(qm.struct()), xq.data_ptr(), xd.data_ptr(), xs.data_ptr(), x.shape[0],
+    xq, xd, xs = quantize_activations_native(x, lib, levels)
+    lib.qb_matmul_rows(ctypes.byref(qm.struct()), xq.data_ptr(), xd.data_ptr(), xs.data_ptr(), x.shape[0], levels,
                        y.data_ptr(), y.stride(0), int(accumulate))
     return y
 
 
-def quantize_activations_native(x: torch.Tensor, lib=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_activations_native(x: torch.Tensor, lib=None, levels: int = 1) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
     """``qb_quantize``: the same as ``quantize_activations``."""
     x = x.float().contiguous()
     R, n = x.shape
     if n % 32:
         raise ValueError(f"model: activations of {n} elements are not blocks of 32")
+    if levels not in ACTIVATION_LEVELS.values():
+        raise ValueError(f"model: activation levels must be 1 or 2, got {levels!r}")
     lib = _bind(lib if lib is not None else native.library())
-    xq, xd, xs = torch.empty(R, n, dtype=torch.int8), torch.empty(R, n // 32), torch.empty(R, n // 16)
-    lib.qb_quantize(x.data_ptr(), R, n, xq.data_ptr(), xd.data_ptr(), xs.data_ptr())
+    X = R * levels
+    xq, xd, xs = torch.empty(X, n, dtype=torch.int8), torch.empty(X, n // 32), torch.empty(X, n // 16)
+    lib.qb_quantize(x.data_ptr(), R, n, levels, xq.data_ptr(), xd.data_ptr(), xs.data_ptr())
     return xq, xd, xs
 
 

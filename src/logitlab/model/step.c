@@ -49,7 +49,7 @@ typedef struct {
 typedef struct {
     int64_t n_layers, C, H, K, D, F, V;
     float eps;
-    int32_t pad;
+    int32_t levels;  /* block weights: int8 levels of the activations (qb_quantize), 1 or 2 */
     int64_t embed_kind;  /* ST_F32 or ST_BLOCKS */
     const float *embed_f32;
     qb_mat embed_q;
@@ -59,9 +59,10 @@ typedef struct {
 } st_model;
 
 /* y[R, w.out] (row stride y_stride) = (acc: +=) x @ w^T.  ST_BLOCKS reads x as the activations
-   qb_quantize made of it (xq, xd, xs); the others read x. Called by every thread of the region. */
+   qb_quantize made of it (xq, xd, xs: ``levels`` rows per row of x); the others read x. Called by every
+   thread of the region. */
 static void matmul(const st_weight *w, const float *x, const int8_t *xq, const float *xd, const float *xs,
-                   int64_t R, float *y, int64_t y_stride, int acc) {
+                   int levels, int64_t R, float *y, int64_t y_stride, int acc) {
     if (w->kind == ST_F32) {
         f32_matmul_rows(x, R, w->in, (const float *)w->w, w->out, y, y_stride, acc);
     } else if (w->kind == ST_INT8) {
@@ -69,25 +70,31 @@ static void matmul(const st_weight *w, const float *x, const int8_t *xq, const f
     } else {
         int64_t off = 0;
         for (int64_t p = 0; p < w->nparts; p++) {  /* each part ends in its loop's barrier */
-            qb_matmul_rows(&w->parts[p], xq, xd, xs, R, y + off, y_stride, acc);
+            qb_matmul_rows(&w->parts[p], xq, xd, xs, R, levels, y + off, y_stride, acc);
             off += w->parts[p].out;
         }
     }
 }
 
 /* Row r of x normalised into out (and, for block weights, quantized): one row per loop iteration. */
-static void norm_rows(const float *x, int64_t R, int64_t C, const float *w, float eps, float *out, int blocks,
+/* Row r of x [R, n] quantized to ``levels`` rows of (xq, xd, xs): rows levels * r onward. */
+static void quantize_row(const float *x, int64_t r, int64_t n, int levels, int8_t *xq, float *xd, float *xs) {
+    const int64_t row = r * levels;
+    qb_quantize(x + r * n, 1, n, levels, xq + row * n, xd + row * (n / 32), xs + row * (n / 16));
+}
+
+static void norm_rows(const float *x, int64_t R, int64_t C, const float *w, float eps, float *out, int levels,
                       int8_t *xq, float *xd, float *xs) {
     #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; r++) {
         rms_norm(x + r * C, 1, C, w, eps, out + r * C);
-        if (blocks) qb_quantize(out + r * C, 1, C, xq + r * C, xd + r * (C / 32), xs + r * (C / 16));
+        if (levels) quantize_row(out, r, C, levels, xq, xd, xs);
     }
 }
 
-static void quantize_rows(const float *x, int64_t R, int64_t n, int8_t *xq, float *xd, float *xs) {
+static void quantize_rows(const float *x, int64_t R, int64_t n, int levels, int8_t *xq, float *xd, float *xs) {
     #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; r++) qb_quantize(x + r * n, 1, n, xq + r * n, xd + r * (n / 32), xs + r * (n / 16));
+    for (int64_t r = 0; r < R; r++) quantize_row(x, r, n, levels, xq, xd, xs);
 }
 
 /* tokens [R]; cos/sin [R, D] (RoPE tables at each row's position); pool [layers, 2, n_blocks, K, bs, D];
@@ -99,15 +106,17 @@ int st_decode(const st_model *m, int64_t R, const int64_t *tokens, const float *
     const int64_t C = m->C, H = m->H, K = m->K, D = m->D, F = m->F, QKV = (H + 2 * K) * D;
     const int64_t widest = F > C ? (F > H * D ? F : H * D) : (C > H * D ? C : H * D);
     const int64_t layer_floats = n_blocks * K * bs * D;  /* one pool (keys or values) of one layer */
-    const int blocks_in = m->layers[0].qkv.kind == ST_BLOCKS;  /* every matmul of a model has one kind */
+    const int lv = m->levels == 2 ? 2 : 1;
+    /* every matmul of a model has one kind; blocks_in: the int8 levels of their inputs, 0 for none */
+    const int blocks_in = m->layers[0].qkv.kind == ST_BLOCKS ? lv : 0;
     const int threads = omp_get_max_threads();
-    size_t floats = (size_t)R * (2 * C + QKV + 2 * H * D + 3 * F + widest / 32 + widest / 16);
+    size_t floats = (size_t)R * (2 * C + QKV + 2 * H * D + 3 * F + lv * (widest / 32 + widest / 16));
     /* the activations of every stage, then each thread's attention scores, then the int8 activations */
-    float *buf = (float *)malloc(sizeof(float) * (floats + (size_t)threads * width * bs) + (size_t)R * widest);
+    float *buf = (float *)malloc(sizeof(float) * (floats + (size_t)threads * width * bs) + (size_t)(R * lv) * widest);
     if (!buf) return -1;
     float *h = buf, *x = h + R * C, *qkv = x + R * C, *q = qkv + R * QKV, *att = q + R * H * D;
-    float *gu = att + R * H * D, *act = gu + R * 2 * F, *xd = act + R * F, *xs = xd + R * (widest / 32);
-    float *scores = xs + R * (widest / 16);
+    float *gu = att + R * H * D, *act = gu + R * 2 * F, *xd = act + R * F, *xs = xd + R * lv * (widest / 32);
+    float *scores = xs + R * lv * (widest / 16);
     int8_t *xq = (int8_t *)(scores + (size_t)threads * width * bs);
     const float scale = 1.0f / sqrtf((float)D);
 
@@ -124,25 +133,25 @@ int st_decode(const st_model *m, int64_t R, const int64_t *tokens, const float *
                 const st_layer *L = &m->layers[l];
                 float *k_pool = pool + (2 * l) * layer_floats, *v_pool = k_pool + layer_floats;
                 norm_rows(h, R, C, L->attn_norm, m->eps, x, blocks_in, xq, xd, xs);
-                matmul(&L->qkv, x, xq, xd, xs, R, qkv, QKV, 0);
+                matmul(&L->qkv, x, xq, xd, xs, lv, R, qkv, QKV, 0);
                 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < R; r++)
                     rope_store_paged(qkv + r * QKV, 1, H, K, D, cos_ + r * D, sin_ + r * D, q + r * H * D, k_pool,
                                      v_pool, bs, write_blocks + r, write_offsets + r);
                 attend_paged_rows(q, H * D, k_pool, v_pool, tables, width, bs, R, H, K, D, lens, scale, att, s);
-                if (blocks_in) quantize_rows(att, R, H * D, xq, xd, xs);
-                matmul(&L->o, att, xq, xd, xs, R, h, C, 1);  /* the residual: h += attention */
+                if (blocks_in) quantize_rows(att, R, H * D, lv, xq, xd, xs);
+                matmul(&L->o, att, xq, xd, xs, lv, R, h, C, 1);  /* the residual: h += attention */
                 norm_rows(h, R, C, L->ffn_norm, m->eps, x, blocks_in, xq, xd, xs);
-                matmul(&L->gate_up, x, xq, xd, xs, R, gu, 2 * F, 0);
+                matmul(&L->gate_up, x, xq, xd, xs, lv, R, gu, 2 * F, 0);
                 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < R; r++) {
                     silu_mul(gu + r * 2 * F, 1, F, act + r * F);
-                    if (blocks_in) qb_quantize(act + r * F, 1, F, xq + r * F, xd + r * (F / 32), xs + r * (F / 16));
+                    if (blocks_in) quantize_row(act, r, F, lv, xq, xd, xs);
                 }
-                matmul(&L->down, act, xq, xd, xs, R, h, C, 1);  /* h += MLP */
+                matmul(&L->down, act, xq, xd, xs, lv, R, h, C, 1);  /* h += MLP */
             }
-            norm_rows(h, R, C, m->final_norm, m->eps, x, m->head.kind == ST_BLOCKS, xq, xd, xs);
-            matmul(&m->head, x, xq, xd, xs, R, logits, m->V, 0);
+            norm_rows(h, R, C, m->final_norm, m->eps, x, m->head.kind == ST_BLOCKS ? lv : 0, xq, xd, xs);
+            matmul(&m->head, x, xq, xd, xs, lv, R, logits, m->V, 0);
         }
     }
     free(buf);

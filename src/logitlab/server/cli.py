@@ -20,6 +20,9 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8", "gguf", "float16"],
                    help="float16: with --device cuda only")
     s.add_argument("--exact-head", action="store_true", help="with --dtype gguf: a float32 LM head")
+    s.add_argument("--activations", default=None, choices=["int8", "int8x2"],
+                   help="with --dtype gguf: int8 (default, as llama.cpp) or int8x2 (about 16 bits: greedy text "
+                        "equal to float32's; prefill and large batches about half as fast)")
     s.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="cpu (default), cuda or cuda:N: the model, its KV cache and the sampler run there")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine "
@@ -183,6 +186,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                   file=sys.stderr)
         engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, max_batch=a.max_batch, max_len=a.max_len,
                              kv_memory=a.kv_memory, exact_head=a.exact_head,
+                             activations=a.activations,
                              **({"device": a.device} if getattr(a, "device", "cpu") != "cpu" else {}))
         app = create_app(engine, api_key=api_key, max_queue=a.max_queue, max_body_bytes=a.max_body_bytes,
                          model_names=a.served_model_name, limits=limits_from_args(a), bind_host=a.host,
