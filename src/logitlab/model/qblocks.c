@@ -20,6 +20,11 @@
    which is W x~ exactly for x~ = xd * xq: the integer dot products are exact (u8 x s8 with VNNI's
    vpdpbusd) and only the activations are rounded.
 
+   With two levels (``--activations int8x2``) qb_quantize also rounds each block's error x - xd * xq the
+   same way, into the next row of x; the kernels add an output's two rows of products before they store
+   it (rows of x go in passes of 16, so a pair is never split). x~ is then x to about 16 bits for twice
+   the dot products: greedy text equal to float32's (BENCHMARKS.md, ``logitlab bench --fidelity``).
+
    ---- why it is shaped this way --------------------------------------------------------------------
 
    Decode reads every weight once per token: it is bound by memory bandwidth, and 4-bit blocks move an
