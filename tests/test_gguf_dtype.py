@@ -26,6 +26,9 @@ PROMPTS = CORPUS[:6]
 LOGPROB_TOL = 0.6
 MEAN_KL_TOL = 1e-2
 MARGIN = 1.0
+# int8x2 (two int8 levels, ~16 bits), measured the same way: logprobs within 7e-4 nats, mean KL ~1e-8 (float32
+# noise), float32's argmax at every position however close its lead.
+TOLERANCES = {"int8": (LOGPROB_TOL, MEAN_KL_TOL, MARGIN), "int8x2": (5e-3, 1e-6, 0.0)}
 
 
 @pytest.fixture(scope="module")
@@ -110,26 +113,32 @@ def _decode_logprobs(model, ids: list[int], n_prompt: int) -> torch.Tensor:
     return torch.log_softmax(torch.cat(out).float(), -1)
 
 
-def test_greedy_decode_matches_float32_teacher_forced(gguf_engine, real_engine):
+@pytest.mark.parametrize("activations", list(TOLERANCES))
+def test_greedy_decode_matches_float32_teacher_forced(gguf_engine, real_engine, activations):
     """float32's greedy 32 tokens, replayed through both models' decode paths: same argmax wherever
-    float32's choice is clear, logprobs and KL within the documented tolerances."""
+    float32's choice is clear (int8x2: everywhere), logprobs and KL within the documented tolerances."""
+    logprob_tol, kl_tol, margin = TOLERANCES[activations]
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     compared = 0
     for prompt, out in zip(PROMPTS, real_engine.generate(PROMPTS, params), strict=True):
         prompt_ids = real_engine.encode_prompt(prompt)
         ids, n = prompt_ids + out.choices[0].token_ids, len(prompt_ids)
         ref = _decode_logprobs(real_engine.model, ids, n)[n - 1:]
-        ours = _decode_logprobs(gguf_engine.model, ids, n)[n - 1:]
+        set_activations(gguf_engine.model, activations)
+        try:
+            ours = _decode_logprobs(gguf_engine.model, ids, n)[n - 1:]
+        finally:
+            set_activations(gguf_engine.model, "int8")
         chosen = torch.tensor(ids[n:])
         assert ref.argmax(-1).tolist() == chosen.tolist()  # the replay is float32's own greedy path
         top2 = ref.topk(2, dim=-1).values
-        clear = top2[:, 0] - top2[:, 1] > MARGIN
+        clear = top2[:, 0] - top2[:, 1] > margin
         assert torch.equal(ours.argmax(-1)[clear], chosen[clear]), prompt
         compared += int(clear.sum())
         diff = (ours.gather(1, chosen[:, None]) - ref.gather(1, chosen[:, None])).abs().max()
-        assert diff < LOGPROB_TOL, (prompt, float(diff))
+        assert diff < logprob_tol, (prompt, float(diff))
         kl = (ref.exp() * (ref - ours)).sum(-1).mean()
-        assert kl < MEAN_KL_TOL, (prompt, float(kl))
+        assert kl < kl_tol, (prompt, float(kl))
     assert compared >= 0.5 * 32 * len(PROMPTS)  # most positions are clear choices
 
 
