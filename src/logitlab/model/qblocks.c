@@ -463,7 +463,7 @@ typedef void (*tile_fn)(const uint8_t *, const float *, const float *, int64_t, 
 #define TBLOCK(B, R)                                                                                         \
     static void tile_##B##_##R(const uint8_t *tc, const float *td, const float *tm, int64_t units, int64_t in, \
                                const int8_t *xq, const float *xd, const float *xs, float *y, int64_t ys, int a, \
-                               int lv) {                                                             \
+                               int lv) {                                                                     \
         tile_block(B, R, tc, td, tm, units, in, xq, xd, xs, y, ys, a, lv);                                   \
     }
 #define TBLOCK_ALL(B)                                                                                        \
