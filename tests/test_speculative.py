@@ -147,3 +147,46 @@ def test_real_model_greedy_speculative_equals_the_engine(real_engine, draft):
                                num_speculative_tokens=4)
     assert out.token_ids[0] == ref
     assert out.stats.generated == len(ref) and out.stats.rounds < len(ref)  # some drafts were accepted
+
+
+def test_a_model_drafts_kv_memory_grows_with_its_tokens():
+    """The draft's paged pool holds blocks for the positions it has run, not max_len for every row."""
+    target = tiny_model(1, vocab_size=61)
+    draft = make_draft("early-exit:1", target)
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    out = speculative_generate(target, draft, [1, 2, 3], params, num_speculative_tokens=4)
+    assert out.token_ids[0] == naive_greedy(target, [1, 2, 3], 20)
+    assert sum(len(t) for t in draft.tables) == -(-(3 + 20 + 4 - 1) // draft.BLOCK)  # prompt, tokens, drafts
+    draft.start([[1, 2, 3], [4, 5]], 2048)
+    with torch.inference_mode():
+        draft._feed([[1, 2, 3], [4, 5]])
+    assert [len(t) for t in draft.tables] == [1, 1] and draft.cache.capacity >= 2 * 2048 // draft.BLOCK
+    assert draft.cache.allocated_blocks <= 4  # the scratch block and the two held (the pool grows as needed)
+
+
+def test_gguf_draft_needs_a_float_target_read_from_a_gguf_file():
+    target = tiny_model(1, vocab_size=61)
+    with pytest.raises(ParamError, match="GGUF file"):
+        make_draft("gguf", target)
+
+
+@pytest.mark.real_model
+def test_gguf_draft_of_the_real_model_is_accepted_almost_always(real_engine, real_weights, monkeypatch):
+    """The float32 target's own GGUF file on its blocks (int8x2 activations) as draft: plain greedy's text,
+    nearly every draft accepted (the same weights, logits within ~1e-3 nats), one copy for every request;
+    a gguf target is refused."""
+    model = real_engine.model
+    monkeypatch.setattr(model, "gguf_source", real_weights.source, raising=False)
+    prompt = "Yesterday I went to the gym and I was"
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    ref = real_engine.generate(prompt, params)[0].choices[0].token_ids
+    try:
+        out = speculative_generate(real_engine, "gguf", prompt, params, num_speculative_tokens=4)
+        assert out.token_ids[0] == ref
+        assert out.stats.acceptance_rate > 0.9 and out.stats.rounds <= len(ref) // 4 + 1
+        draft = make_draft("gguf", model)
+        assert draft.model is make_draft("gguf", model).model  # made once, kept with the target
+        with pytest.raises(ParamError, match="already computes"):
+            make_draft("gguf", draft.model)
+    finally:
+        model.__dict__.pop("_gguf_draft", None)

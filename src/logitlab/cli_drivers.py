@@ -33,8 +33,9 @@ def add_driver_flags(parser: argparse.ArgumentParser) -> None:
                    help="contrastive decoding against the first K layers or another model")
     g.add_argument("--contrastive-alpha", type=float, default=0.1, metavar="A",
                    help="plausibility head: tokens with p >= A * max p")
-    g.add_argument("--speculative", default=None, metavar="early-exit:K|ngram|int8|MODEL",
-                   help="speculative decoding with this draft (same output distribution)")
+    g.add_argument("--speculative", default=None, metavar="early-exit:K|ngram|int8|gguf|MODEL",
+                   help="speculative decoding with this draft (same output distribution; gguf: the model's GGUF "
+                        "file on its own blocks, for a float32/bfloat16/int8 target)")
     g.add_argument("--num-speculative-tokens", type=int, default=4, metavar="G", help="tokens drafted per round")
     g.add_argument("--json-schema", default=None, metavar="FILE|JSON", help="output must match this JSON schema")
     g.add_argument("--regex", default=None, metavar="R", help="output must match this regular expression")

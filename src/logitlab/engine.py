@@ -12,6 +12,7 @@ import math
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -174,11 +175,14 @@ class Engine:
             net, tokenizer, name = load_gguf_model(model, exact_head)
             return cls(set_activations(net, activations or "int8"), tokenizer, name=name, **kwargs)
         w = load_weights(model)
+        # a GGUF file: for the gguf speculative draft (speculative.gguf_copy)
+        source = w.source if w.source is not None and Path(w.source).is_file() else None
         if dtype == "float16":  # the float32 build (cached), halved on the device
             net = load_or_build(w.config, lambda: w.state_dict, "float32", w.source, cache_dir())
             net = net.to(dev, torch.float16)
         else:
             net = load_or_build(w.config, lambda: w.state_dict, dtype, w.source, cache_dir())
+        net.gguf_source = source
         if dev.type == "cpu":  # (byte for byte the CPU engine as it always was)
             return cls(net, w.tokenizer, name=w.name, **kwargs)
         return cls(net, w.tokenizer, name=w.name, device=dev, **kwargs)

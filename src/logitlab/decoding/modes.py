@@ -195,7 +195,7 @@ def choice_completion(engine, prompt_ids, params: SamplingParams, opts: DriverOp
 
 def spec_group(engine, prompt_ids: list[int], params: SamplingParams, opts: DriverOptions):
     """Speculative decoding for ``engine.scheduler``: the group, whose ``requests`` (one per sample) stream
-    their tokens as they are accepted. The draft: ``early-exit:K``, ``int8``, ``ngram[:N]``."""
+    their tokens as they are accepted. The draft: ``early-exit:K``, ``int8``, ``gguf``, ``ngram[:N]``."""
     from ..engine import next_group
     from .constraints import sample_seeds
     from .scheduler import Request

@@ -18,9 +18,12 @@ positions past the committed length; the cache is position-addressed and every f
 positions <= its queries', so "rewinding" is just the next round overwriting those positions.
 
 Drafts (``make_draft``): another model with the same tokenizer, the target's own first ``k`` layers
-(early exit through the final norm and LM head, ``early-exit:K``), an int8 copy of the target (``int8``)
-and n-gram prompt lookup (``ngram``: copy what followed the last occurrence of the current suffix in the
-context; a deterministic draft, ``q`` one-hot).
+(early exit through the final norm and LM head, ``early-exit:K``), an int8 copy of the target (``int8``),
+the target's GGUF file computed on its own blocks (``gguf``: the same weights, activations to ~16 bits, so
+nearly every draft is accepted, at a fraction of a float32 step) and n-gram prompt lookup (``ngram``: copy
+what followed the last occurrence of the current suffix in the context; a deterministic draft, ``q``
+one-hot). A model draft keeps a paged KV cache of its own (memory as its tokens grow), so its one-token
+steps are the model's fused decode step where it has one.
 
 Rows: ``n`` samples (or several prompts) are decoded together, each row with its own seed, acceptance
 count and length; a row's randomness depends only on its seed and round, not on its neighbours.
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.cache import KVCache
+from ..model.paged_cache import PagedKVCache
 from ..model.quant import pack_for_gemm, quantize_int8
 from ..sampling import ParamError, SamplingParams
 from ..sampling.rng import uniforms
@@ -66,12 +69,16 @@ class Draft:
 
 class ModelDraft(Draft):
     """A language model as draft: a separate model, the target's own first ``num_layers`` layers (early
-    exit), or a quantized copy. It keeps its own KV cache."""
+    exit), or a quantized copy. It keeps its own paged KV cache: blocks as its rows' tokens grow, and
+    one-token steps in the model's fused decode step where it has one (``decode_step.py``)."""
+
+    BLOCK = 16  # positions per KV block
 
     def __init__(self, model, num_layers: int | None = None, name: str | None = None):
         self.model, self.num_layers = model, num_layers
         self.name = name or (f"early-exit:{num_layers}" if num_layers else "model")
-        self.cache: KVCache | None = None
+        self.cache: PagedKVCache | None = None
+        self.tables: list[list[int]] = []  # per row: its blocks
         self.cached: list[int] = []  # per row: positions in the draft cache that hold committed tokens
         self.forwards = 0
 
@@ -81,18 +88,39 @@ class ModelDraft(Draft):
             from dataclasses import replace
 
             cfg = replace(cfg, num_layers=self.num_layers)  # the cache only needs the layers it runs
-        self.cache = KVCache(cfg, len(prompts), max_len, dtype=self.model.dtype)
+        per_row = -(-max_len // self.BLOCK) + 1  # (a round may draft a little past max_len)
+        self.cache = PagedKVCache(cfg, capacity=len(prompts) * per_row + 1, block_size=self.BLOCK,
+                                  dtype=self.model.dtype, initial_blocks=len(prompts) * 2, device=self.model.device)
+        self.tables = [[] for _ in prompts]
         self.cached = [0] * len(prompts)
 
     def forward(self, tokens, positions, valid=None):
         self.forwards += 1
-        return self.model(tokens, positions, self.cache, rows=slice(0, tokens.shape[0]), valid=valid,
-                          num_layers=self.num_layers)
+        if valid is None:
+            valid = torch.ones_like(tokens, dtype=torch.bool)
+        for b, table in enumerate(self.tables):  # blocks for the new positions (rewritten ones have theirs)
+            if valid[b].any():
+                for p in range(len(table) * self.BLOCK, int(positions[b][valid[b]].max()) + 1, self.BLOCK):
+                    self.cache.ensure_writable(table, p)
+        return self.model(tokens, positions, self.cache, valid=valid, num_layers=self.num_layers,
+                          block_tables=PagedKVCache.table_tensor(self.tables))
 
-    def propose(self, seqs, gamma, rows, counters):
-        B = len(seqs)
-        feed = [s[c:] for s, c in zip(seqs, self.cached, strict=True)]  # 1 token, 2 after a full accept
-        width = max(len(f) for f in feed)
+    def _feed(self, feed: list[list[int]]) -> torch.Tensor:
+        """Run each row's unfed tokens; the logits after each row's last one [B, V]. Two or fewer tokens a
+        row go one at a time, right-aligned (every row's last token in the last step), so each is a decode
+        step; more (the prompt) go in one forward."""
+        B, width = len(feed), max(len(f) for f in feed)
+        if width <= 2:
+            for j in range(width):
+                tokens = torch.zeros(B, 1, dtype=torch.long)
+                positions = torch.zeros(B, 1, dtype=torch.long)
+                valid = torch.zeros(B, 1, dtype=torch.bool)
+                for b, f in enumerate(feed):
+                    i = j - (width - len(f))  # this row's token fed at step j, if any
+                    if i >= 0:
+                        tokens[b, 0], positions[b, 0], valid[b, 0] = f[i], self.cached[b] + i, True
+                logits = self.forward(tokens, positions, valid)
+            return logits
         tokens = torch.zeros(B, width, dtype=torch.long)
         positions = torch.zeros(B, width, dtype=torch.long)
         valid = torch.zeros(B, width, dtype=torch.bool)
@@ -100,7 +128,12 @@ class ModelDraft(Draft):
             tokens[b, : len(f)] = torch.tensor(f)
             positions[b, : len(f)] = torch.arange(self.cached[b], self.cached[b] + len(f))
             valid[b, : len(f)] = True
-        logits = self.forward(tokens, positions, valid)
+        return self.forward(tokens, positions, valid)
+
+    def propose(self, seqs, gamma, rows, counters):
+        B = len(seqs)
+        feed = [s[c:] for s, c in zip(seqs, self.cached, strict=True)]  # 1 token, 2 after a full accept
+        logits = self._feed(feed)
         lengths = torch.tensor([len(s) for s in seqs])
         draft_rows = _Lookahead(rows)
         # greedy rows: q is one-hot (all -inf if nothing is allowed), and the draw of a one-hot row is its
@@ -162,8 +195,27 @@ class NgramDraft(Draft):
         return tokens, None
 
 
+def gguf_copy(target):
+    """The target's GGUF file computed on its own blocks (``--dtype gguf``) with two-level activations: the
+    same weights, logits within ~1e-3 nats of a float32 target's (tests/test_gguf_dtype.py). Made on first
+    use and kept with the target, so every request's draft shares it."""
+    from ..model.gguf_model import BlockLinear, set_activations
+    from ..weights import load_gguf_model
+
+    if any(isinstance(m, BlockLinear) for m in target.modules()):
+        raise ParamError("speculative", "the gguf draft is for a float32, bfloat16 or int8 target; this one already "
+                                        "computes on the GGUF blocks (use ngram)")
+    found = target.__dict__.get("_gguf_draft")
+    if found is None:
+        source = getattr(target, "gguf_source", None)
+        if source is None:
+            raise ParamError("speculative", "the gguf draft needs a target loaded from a GGUF file")
+        found = target.__dict__["_gguf_draft"] = set_activations(load_gguf_model(source, progress=False)[0], "int8x2")
+    return found
+
+
 def make_draft(spec: str | Draft | object, target, load=None) -> Draft:
-    """``early-exit:K`` | ``int8`` | ``ngram`` / ``ngram:N`` | a model name (loaded with ``load(name)``,
+    """``early-exit:K`` | ``int8`` | ``gguf`` | ``ngram`` / ``ngram:N`` | a model name (loaded with ``load(name)``,
     e.g. ``Engine.load``) | a Transformer | an Engine | a Draft."""
     if isinstance(spec, Draft):
         return spec
@@ -176,13 +228,15 @@ def make_draft(spec: str | Draft | object, target, load=None) -> Draft:
             return ModelDraft(target, num_layers=k)
         if s == "int8":
             return ModelDraft(pack_for_gemm(quantize_int8(copy.deepcopy(target))), name="int8")
+        if s == "gguf":
+            return ModelDraft(gguf_copy(target), name="gguf")
         if s == "ngram" or s.startswith("ngram:"):
             n = _int_suffix(s, "speculative", "ngram:N") if ":" in s else 3
             if n < 1:
                 raise ParamError("speculative", f"ngram:N needs N >= 1, got {n}")
             return NgramDraft(n)
         if load is None:
-            raise ParamError("speculative", f"unknown draft {spec!r} (early-exit:K, int8, ngram or a model)")
+            raise ParamError("speculative", f"unknown draft {spec!r} (early-exit:K, int8, gguf, ngram or a model)")
         spec = load(s)
     model = spec.model if hasattr(spec, "tokenizer") else spec  # an Engine, or a Transformer itself
     if model.config.vocab_size != target.config.vocab_size:

@@ -334,6 +334,7 @@ class Transformer(nn.Module):
         state = dict(self.__dict__)
         state.pop("_fused_decode", None)  # raw pointers (ctypes): a copy binds its own weights on use
         state.pop("_cuda_graphs", None)  # device addresses: a copy captures its own graphs
+        state.pop("_gguf_draft", None)  # a model of its own (speculative.gguf_copy): a copy makes its own
         return state
 
     def load_state_dict(self, *args, **kwargs):

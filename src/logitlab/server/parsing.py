@@ -19,7 +19,7 @@ from .guards import Limits, check_driver_sizes, is_json, not_json_message
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
 _AMATEUR = re.compile(r"early-exit:\d+")
-_DRAFT = re.compile(r"early-exit:\d+|ngram(:\d+)?|int8")
+_DRAFT = re.compile(r"early-exit:\d+|ngram(:\d+)?|int8|gguf")
 
 
 def _reject_constant(name: str):
@@ -122,7 +122,7 @@ def driver_options(body, limits: Limits) -> tuple[DriverOptions | None, object]:
         raise ParamError("contrastive", f"amateur must be early-exit:K on this server, got {amateur!r}")
     draft = (data.get("speculative") or {}).get("draft")
     if draft is not None and not _DRAFT.fullmatch(draft):
-        raise ParamError("speculative", f"draft must be early-exit:K, ngram, ngram:N or int8 on this server, "
+        raise ParamError("speculative", f"draft must be early-exit:K, ngram, ngram:N, int8 or gguf on this server, "
                                         f"got {draft!r}")
     if "length_penalty" in data and "beam_width" not in data:
         raise ParamError("length_penalty", "applies to beam search only (set beam_width)")

@@ -33,7 +33,7 @@ class Contrastive(BaseModel):
 
 
 class Speculative(BaseModel):
-    """Speculative decoding: ``draft`` is ``early-exit:K``, ``ngram`` / ``ngram:N`` or ``int8``;
+    """Speculative decoding: ``draft`` is ``early-exit:K``, ``ngram`` / ``ngram:N``, ``int8`` or ``gguf``;
     ``num_tokens`` tokens are drafted per round."""
 
     model_config = _STRICT
