@@ -83,6 +83,7 @@ def _llamacpp_greedy(path: str, prompts: list[list[int]], tokens: int) -> list[l
 
 def run(model: str, tokens: int) -> dict:
     from .engine import Engine
+    from .model.gguf_model import set_activations
     from .weights import resolve_model
 
     ref_engine = Engine.load(model, max_batch=8, max_len=512)
@@ -92,8 +93,6 @@ def run(model: str, tokens: int) -> dict:
     modes = {}
     engine = Engine.load(model, dtype="gguf", max_batch=8, max_len=512)
     for activations in ("int8", "int8x2"):
-        from .model.gguf_model import set_activations
-
         set_activations(engine.model, activations)
         modes[f"gguf {activations}"] = greedy(engine, ids, tokens)
     src = str(resolve_model(model))

@@ -116,6 +116,12 @@ def run_driver_generate(a: argparse.Namespace, engine, prompt, params: SamplingP
     return 0
 
 
+def _model_options(a: argparse.Namespace) -> dict:
+    """Engine.load's keywords from the model flags (cli.py's ``_add_model_flags``, or the ones added here)."""
+    return {"dtype": a.dtype, "exact_head": getattr(a, "exact_head", False),
+            "activations": getattr(a, "activations", None)}
+
+
 def cmd_classify(a: argparse.Namespace) -> int:
     from .classify import classify, parse_example
 
@@ -131,8 +137,7 @@ def cmd_classify(a: argparse.Namespace) -> int:
     from .engine import Engine
     from .weights import DEFAULT_MODEL
 
-    engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, exact_head=getattr(a, "exact_head", False),
-                         activations=getattr(a, "activations", None))
+    engine = Engine.load(a.model or DEFAULT_MODEL, **_model_options(a))
     results = classify(engine, examples, a.inputs, labels=labels, separator=a.separator)
     if a.json:
         print(json.dumps([{"input": r.input, "label": r.label, "probs": r.probs, "logprobs": r.logprobs}
@@ -157,8 +162,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         from .engine import Engine
         from .weights import DEFAULT_MODEL
 
-        engine = Engine.load(a.model or DEFAULT_MODEL, dtype=a.dtype, exact_head=getattr(a, "exact_head", False),
-                         activations=getattr(a, "activations", None))
+        engine = Engine.load(a.model or DEFAULT_MODEL, **_model_options(a))
     run_demo(a.name, engine=engine, plot=a.plot)
     return 0
 

@@ -110,25 +110,20 @@ class ModelDraft(Draft):
         row go one at a time, right-aligned (every row's last token in the last step), so each is a decode
         step; more (the prompt) go in one forward."""
         B, width = len(feed), max(len(f) for f in feed)
-        if width <= 2:
-            for j in range(width):
-                tokens = torch.zeros(B, 1, dtype=torch.long)
-                positions = torch.zeros(B, 1, dtype=torch.long)
-                valid = torch.zeros(B, 1, dtype=torch.bool)
-                for b, f in enumerate(feed):
-                    i = j - (width - len(f))  # this row's token fed at step j, if any
-                    if i >= 0:
-                        tokens[b, 0], positions[b, 0], valid[b, 0] = f[i], self.cached[b] + i, True
-                logits = self.forward(tokens, positions, valid)
-            return logits
+        stepped = width <= 2
         tokens = torch.zeros(B, width, dtype=torch.long)
         positions = torch.zeros(B, width, dtype=torch.long)
         valid = torch.zeros(B, width, dtype=torch.bool)
         for b, f in enumerate(feed):
-            tokens[b, : len(f)] = torch.tensor(f)
-            positions[b, : len(f)] = torch.arange(self.cached[b], self.cached[b] + len(f))
-            valid[b, : len(f)] = True
-        return self.forward(tokens, positions, valid)
+            at = width - len(f) if stepped else 0
+            tokens[b, at : at + len(f)] = torch.tensor(f)
+            positions[b, at : at + len(f)] = torch.arange(self.cached[b], self.cached[b] + len(f))
+            valid[b, at : at + len(f)] = True
+        if not stepped:
+            return self.forward(tokens, positions, valid)
+        for j in range(width):
+            logits = self.forward(*(t[:, j : j + 1].contiguous() for t in (tokens, positions, valid)))
+        return logits
 
     def propose(self, seqs, gamma, rows, counters):
         B = len(seqs)

@@ -275,13 +275,17 @@ def dequantize(qm: QMatrix, rows: torch.Tensor | None = None) -> torch.Tensor:
     return (c * d[..., None] + m[..., None]).view(d.shape[0], qm.in_features)
 
 
+def _check_levels(levels: int) -> None:
+    if levels not in ACTIVATION_LEVELS.values():
+        raise ValueError(f"model: activation levels must be 1 or 2, got {levels!r}")
+
+
 def quantize_activations(x: torch.Tensor, levels: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [R, in] float32 (in a multiple of 32) -> (xq int8 [L R, in], xd [L R, in / 32], xs [L R, in / 16]),
     rounded exactly as qb_quantize rounds; L = ``levels``, row r's level j at row L r + j. Level 1 (``levels``
     2) rounds level 0's error, ``x - xd * xq`` (computed in float64, then rounded once to float32: what the
     C's FMA gives), the same way."""
-    if levels not in ACTIVATION_LEVELS.values():
-        raise ValueError(f"model: activation levels must be 1 or 2, got {levels!r}")
+    _check_levels(levels)
     x = x.float().contiguous()
     if levels == 2:
         q0, d0, s0 = quantize_activations(x)
@@ -380,8 +384,7 @@ def quantize_activations_native(x: torch.Tensor, lib=None, levels: int = 1) -> t
     R, n = x.shape
     if n % 32:
         raise ValueError(f"model: activations of {n} elements are not blocks of 32")
-    if levels not in ACTIVATION_LEVELS.values():
-        raise ValueError(f"model: activation levels must be 1 or 2, got {levels!r}")
+    _check_levels(levels)
     lib = _bind(lib if lib is not None else native.library())
     X = R * levels
     xq, xd, xs = torch.empty(X, n, dtype=torch.int8), torch.empty(X, n // 32), torch.empty(X, n // 16)

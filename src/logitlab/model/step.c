@@ -76,13 +76,13 @@ static void matmul(const st_weight *w, const float *x, const int8_t *xq, const f
     }
 }
 
-/* Row r of x normalised into out (and, for block weights, quantized): one row per loop iteration. */
 /* Row r of x [R, n] quantized to ``levels`` rows of (xq, xd, xs): rows levels * r onward. */
 static void quantize_row(const float *x, int64_t r, int64_t n, int levels, int8_t *xq, float *xd, float *xs) {
     const int64_t row = r * levels;
     qb_quantize(x + r * n, 1, n, levels, xq + row * n, xd + row * (n / 32), xs + row * (n / 16));
 }
 
+/* Row r of x normalised into out (and, levels > 0, quantized to that many levels): one row per iteration. */
 static void norm_rows(const float *x, int64_t R, int64_t C, const float *w, float eps, float *out, int levels,
                       int8_t *xq, float *xd, float *xs) {
     #pragma omp for schedule(static)
@@ -107,8 +107,8 @@ int st_decode(const st_model *m, int64_t R, const int64_t *tokens, const float *
     const int64_t widest = F > C ? (F > H * D ? F : H * D) : (C > H * D ? C : H * D);
     const int64_t layer_floats = n_blocks * K * bs * D;  /* one pool (keys or values) of one layer */
     const int lv = m->levels == 2 ? 2 : 1;
-    /* every matmul of a model has one kind; blocks_in: the int8 levels of their inputs, 0 for none */
-    const int blocks_in = m->layers[0].qkv.kind == ST_BLOCKS ? lv : 0;
+    /* every matmul of a model has one kind; the layers' inputs are quantized to in_levels (0: not at all) */
+    const int in_levels = m->layers[0].qkv.kind == ST_BLOCKS ? lv : 0;
     const int threads = omp_get_max_threads();
     size_t floats = (size_t)R * (2 * C + QKV + 2 * H * D + 3 * F + lv * (widest / 32 + widest / 16));
     /* the activations of every stage, then each thread's attention scores, then the int8 activations */
@@ -132,21 +132,21 @@ int st_decode(const st_model *m, int64_t R, const int64_t *tokens, const float *
             for (int64_t l = 0; l < m->n_layers; l++) {
                 const st_layer *L = &m->layers[l];
                 float *k_pool = pool + (2 * l) * layer_floats, *v_pool = k_pool + layer_floats;
-                norm_rows(h, R, C, L->attn_norm, m->eps, x, blocks_in, xq, xd, xs);
+                norm_rows(h, R, C, L->attn_norm, m->eps, x, in_levels, xq, xd, xs);
                 matmul(&L->qkv, x, xq, xd, xs, lv, R, qkv, QKV, 0);
                 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < R; r++)
                     rope_store_paged(qkv + r * QKV, 1, H, K, D, cos_ + r * D, sin_ + r * D, q + r * H * D, k_pool,
                                      v_pool, bs, write_blocks + r, write_offsets + r);
                 attend_paged_rows(q, H * D, k_pool, v_pool, tables, width, bs, R, H, K, D, lens, scale, att, s);
-                if (blocks_in) quantize_rows(att, R, H * D, lv, xq, xd, xs);
+                if (in_levels) quantize_rows(att, R, H * D, lv, xq, xd, xs);
                 matmul(&L->o, att, xq, xd, xs, lv, R, h, C, 1);  /* the residual: h += attention */
-                norm_rows(h, R, C, L->ffn_norm, m->eps, x, blocks_in, xq, xd, xs);
+                norm_rows(h, R, C, L->ffn_norm, m->eps, x, in_levels, xq, xd, xs);
                 matmul(&L->gate_up, x, xq, xd, xs, lv, R, gu, 2 * F, 0);
                 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < R; r++) {
                     silu_mul(gu + r * 2 * F, 1, F, act + r * F);
-                    if (blocks_in) quantize_row(act, r, F, lv, xq, xd, xs);
+                    if (in_levels) quantize_row(act, r, F, lv, xq, xd, xs);
                 }
                 matmul(&L->down, act, xq, xd, xs, lv, R, h, C, 1);  /* h += MLP */
             }
